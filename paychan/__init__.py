@@ -1,0 +1,1 @@
+"""paychan: two-party, bidirectional, off-chain payment channels."""

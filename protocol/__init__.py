@@ -1,0 +1,1 @@
+"""paychan.protocol"""
