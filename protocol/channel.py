@@ -1,4 +1,4 @@
-"""The sans-IO channel state machine of one party: step(state, input, now, key) -> (state, effects)."""
+"""The sans-IO channel state machine of one party: step(state, input, now, key)."""
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,4 @@
-"""Peer messages, vouchers and channel parameters as frozen dataclasses with a strict msgpack codec."""
+"""Peer messages, vouchers and channel parameters: frozen dataclasses, strict msgpack codec."""
 from __future__ import annotations
 
 from dataclasses import dataclass
