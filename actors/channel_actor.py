@@ -1,0 +1,198 @@
+"""The channel actor: sole owner of one channel's state; steps the machine, commits, then acts."""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from paychan.protocol import channel as machine
+from paychan.protocol.channel import ChannelState, LedgerUpdate, ReceivePay
+from paychan.protocol.errors import NotFound, PaychanError
+from paychan.protocol.identity import encode_channel_id
+from paychan.protocol.wire import PayResult, decode, encode
+from paychan.storage.keys import pack, unpack
+from paychan.storage.writer import Delete, Put
+
+if TYPE_CHECKING:
+    from paychan.actors.node import NodeCore
+
+CHANNELS, RESULTS, OUTCOMES, TASKS = "channels", "results", "outcomes", "tasks"
+
+
+@dataclass
+class Cmd:
+    """One input for a channel actor, with an optional future for whoever waits on it."""
+
+    inp: Any
+    reply: Future[Any] | None = None
+    height: int = 0  # for a LedgerUpdate: the ledger height it comes from
+
+
+@dataclass
+class Start:
+    """A new channel: its first state and the effects of creating it."""
+
+    state: ChannelState
+    effects: list[Any]
+    reply: Future[Any] | None = None
+
+
+def payment_key(channel_id: bytes, payment_id: str) -> bytes:
+    return channel_id + payment_id.encode("utf-8")
+
+
+def load_record(core: NodeCore, channel_id: bytes) -> tuple[ChannelState, int] | None:
+    """(state, ledger height applied) as committed, or None for an unknown channel."""
+    obj = core.store.get_obj(CHANNELS, channel_id)
+    if obj is None:
+        return None
+    return ChannelState.from_obj(obj[0]), int(obj[1])
+
+
+def task_ops(channel_id: bytes, effects: list[Any]) -> list[Any]:
+    """Watcher tasks for Submit* effects, written in the same commit as the state."""
+    ops = []
+    for eff in effects:
+        tx = submit_tx(channel_id, eff)
+        if tx is not None:
+            kind, body, not_before = tx
+            txid = os.urandom(16)  # the ledger dedupes by txid, so a retried task is harmless
+            key = channel_id + txid
+            ops.append(Put(TASKS, key, pack({"kind": kind, "body": body, "txid": txid,
+                                             "not_before": not_before, "period": body.get(
+                                                 "period", 1), "channel_id": channel_id})))
+    return ops
+
+
+def submit_tx(cid: bytes, eff: Any) -> tuple[str, dict[str, Any], int] | None:
+    """(transaction kind, body, not_before) for a Submit* effect."""
+    if isinstance(eff, machine.SubmitCreate):
+        return "create", {"params": eff.params.to_obj(), "deposit": eff.deposit}, 0
+    if isinstance(eff, machine.SubmitDeposit):
+        return "deposit", {"channel_id": cid, "period": eff.period, "amount": eff.amount}, 0
+    if isinstance(eff, machine.SubmitCloseMutual):
+        return "close_mutual", {"channel_id": cid, "period": eff.period,
+                                "sent_initiator": eff.sent_initiator,
+                                "sent_responder": eff.sent_responder,
+                                "sig_initiator": eff.sig_initiator,
+                                "sig_responder": eff.sig_responder}, 0
+    if isinstance(eff, machine.SubmitCloseSolo):
+        return "close_solo", {"channel_id": cid, "period": eff.period,
+                              "declared_sent_self": eff.declared_sent_self,
+                              "peer_voucher": None if eff.peer_voucher is None
+                              else eff.peer_voucher.to_obj()}, 0
+    if isinstance(eff, machine.SubmitConfirm):
+        return "confirm", {"channel_id": cid, "period": eff.period,
+                           "additional_sent": eff.additional_sent}, eff.not_before
+    if isinstance(eff, machine.SubmitFraudProof):
+        return "fraud_proof", {"channel_id": cid, "period": eff.period,
+                               "voucher": eff.voucher.to_obj()}, 0
+    return None
+
+
+class ChannelActor(pykka.ThreadingActor):
+    """Runs the pure machine for one channel. Write-ahead: commit, then emit effects."""
+
+    def __init__(self, core: NodeCore, channel_id: bytes) -> None:
+        super().__init__()
+        self.core = core
+        self.channel_id = channel_id
+        self.log = logging.LoggerAdapter(logging.getLogger("paychan.channel"),
+                                         {"channel": encode_channel_id(channel_id)})
+        self.state: ChannelState | None = None
+        self.height = 0
+
+    def on_start(self) -> None:
+        # A (re)start always rebuilds from storage, never from another actor's memory.
+        record = load_record(self.core, self.channel_id)
+        if record is not None:
+            self.state, self.height = record
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self.core.supervisor.failed(self.channel_id, exception_value)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Start):
+            return self._start(message)
+        if isinstance(message, Cmd):
+            return self._handle(message)
+        return None
+
+    def _start(self, msg: Start) -> None:
+        if self.state is not None:
+            err = PaychanError("channel already exists")
+            if msg.reply:
+                msg.reply.set_exception(err)
+            return
+        self._commit_and_emit(None, msg.state, msg.effects, self.height)
+        if msg.reply:
+            msg.reply.set_result(msg.state)
+
+    def _handle(self, cmd: Cmd) -> None:
+        state = self.state
+        if state is None:
+            if cmd.reply:
+                cmd.reply.set_exception(NotFound("no such channel"))
+            return
+        inp = cmd.inp
+        height = self.height
+        if isinstance(inp, LedgerUpdate):
+            event_height = cmd.height
+            if event_height and event_height <= self.height:
+                if cmd.reply:
+                    cmd.reply.set_result(state)
+                return  # replayed event we already applied
+            height = max(height, event_height)
+        if isinstance(inp, ReceivePay) and inp.known_result is None:
+            raw = self.core.store.get(RESULTS, payment_key(self.channel_id, inp.msg.payment_id))
+            if raw is not None:
+                known = decode(raw)
+                assert isinstance(known, PayResult)
+                inp = ReceivePay(inp.msg, known)
+        try:
+            new, effects = machine.step(state, inp, self.core.ledger_now(), self.core.identity)
+        except PaychanError as exc:
+            self.log.debug("refused %s: %s", type(inp).__name__, exc)
+            if cmd.reply:
+                cmd.reply.set_exception(exc)
+            return
+        except Exception as exc:
+            if cmd.reply:
+                cmd.reply.set_exception(exc)
+            raise  # the actor dies; the supervisor restarts it from storage
+        self._commit_and_emit(state, new, effects, height)
+        if cmd.reply:
+            cmd.reply.set_result(new)
+
+    def _commit_and_emit(self, old: ChannelState | None, new: ChannelState, effects: list[Any],
+                         height: int) -> None:
+        cid = self.channel_id
+        ops: list[Any] = []
+        if new != old or height != self.height:
+            ops.append(Put(CHANNELS, cid, pack([new.to_obj(), height])))
+        for eff in effects:
+            if isinstance(eff, machine.RecordResult):
+                ops.append(Put(RESULTS, payment_key(cid, eff.result.payment_id),
+                               encode(eff.result)))
+            elif isinstance(eff, machine.NotifyPayOutcome):
+                ops.append(Put(OUTCOMES, payment_key(cid, eff.payment_id),
+                               pack({"response": eff.response, "error": eff.error,
+                                     "refunded": eff.refunded})))
+        ops += task_ops(cid, effects)
+        if ops:
+            self.core.store.writer.commit(ops)  # durable before anything leaves the process
+        self.state, self.height = new, height
+        self.core.after_commit(cid, new, effects)
+
+
+def outcome_of(core: NodeCore, channel_id: bytes, payment_id: str) -> dict[str, Any] | None:
+    raw = core.store.get(OUTCOMES, payment_key(channel_id, payment_id))
+    return None if raw is None else unpack(raw)
+
+
+def delete_task(key: bytes) -> Delete:
+    return Delete(TASKS, key)

@@ -1,0 +1,380 @@
+"""The node root: owns store, supervisor, transport, ledger client and watcher; routes messages."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from paychan.actors.channel_actor import (
+    CHANNELS,
+    Cmd,
+    Start,
+    load_record,
+    outcome_of,
+)
+from paychan.actors.envelope import Sealer
+from paychan.actors.loopback import LoopbackNetwork, default_network
+from paychan.actors.supervisor import Supervisor
+from paychan.actors.watcher import Watcher
+from paychan.protocol import channel as machine
+from paychan.protocol.channel import ChannelState, LedgerUpdate, Phase
+from paychan.protocol.contract import ChannelRecord
+from paychan.protocol.errors import (
+    HandlerError,
+    NotFound,
+    PaychanError,
+    Rejected,
+)
+from paychan.protocol.identity import Identity, encode_address, encode_channel_id
+from paychan.protocol.wire import MAX_BODY, OpenPropose, body_size, decode, encode
+from paychan.storage.env import Store
+from paychan.storage.keys import pack, unpack
+from paychan.storage.writer import Put
+
+log = logging.getLogger("paychan.node")
+
+KV = "kv"
+_SEED = b"identity_seed"
+_HEIGHT = b"ledger_height"
+
+
+class LedgerClient(Protocol):
+    """What a node needs of a ledger: the embedded actor and the remote client both provide it."""
+
+    network_id: str
+
+    def now(self) -> int: ...
+    def submit(self, tx_bytes: bytes) -> dict[str, Any]: ...
+    def channel(self, channel_id: bytes) -> ChannelRecord | None: ...
+    def balance(self, address: bytes, asset: str = "base") -> int: ...
+    def events_since(self, height: int, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> int: ...
+    def unsubscribe(self, token: int) -> None: ...
+    def on_tick(self, callback: Callable[[int], None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Payment:
+    """What a payment handler receives."""
+
+    amount: int
+    asset: str
+    message: Any
+    peer: str
+    channel_id: str
+    payment_id: str
+
+
+class NodeCore:
+    """Wires the parts; the decisions live in the channel machine and the contract."""
+
+    def __init__(self, data_dir: str, ledger: LedgerClient,
+                 network: LoopbackNetwork | None = None, max_live_channels: int = 256,
+                 idle_seconds: float = 30.0, handler_threads: int = 8) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.data_dir = data_dir
+        self.store = Store.open(data_dir)
+        self.identity = self._load_identity()
+        self.ledger = ledger
+        self.sealer = Sealer(self.identity)
+        self.payment_handler: Callable[[Payment], Any] | None = None
+        self.callbacks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self.waiters: dict[tuple[bytes, str], Future[Any]] = {}
+        self.running: set[tuple[bytes, str]] = set()
+        self.changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._closed = False
+        self.handlers = ThreadPoolExecutor(handler_threads, thread_name_prefix="paychan-handler")
+        self.supervisor = Supervisor(self, max_live_channels, idle_seconds)
+        self.watcher = Watcher(self)
+        self._dispatcher = threading.Thread(target=self._dispatch_events, daemon=True,
+                                            name="paychan-events")
+        self._dispatcher.start()
+        self.network = network or default_network()
+        self.network.attach(self.identity.public, self.on_envelope)
+        self._ledger_token = ledger.subscribe(self.on_ledger_event)
+        ledger.on_tick(self.watcher.kick)
+        self._catch_up()
+        self._sync_all()
+        log.info("node %s open at %s", self.address, data_dir)
+
+    # -- identity and basics ---------------------------------------------------------------
+    def _load_identity(self) -> Identity:
+        seed = self.store.get(KV, _SEED)
+        if seed is None:
+            seed = os.urandom(32)
+            self.store.writer.commit([Put(KV, _SEED, seed)])
+        return Identity(bytes(seed))
+
+    @property
+    def address(self) -> str:
+        return encode_address(self.identity.public)
+
+    def ledger_now(self) -> int:
+        return int(self.ledger.now())
+
+    # -- channel records -------------------------------------------------------------------
+    def state(self, channel_id: bytes) -> ChannelState:
+        record = load_record(self, channel_id)
+        if record is None:
+            raise NotFound(f"no channel {encode_channel_id(channel_id)} on this node")
+        return record[0]
+
+    def channel_ids(self) -> list[bytes]:
+        return [key for key, _ in self.store.iter_prefix(CHANNELS, b"")]
+
+    def tell(self, channel_id: bytes, inp: Any, reply: Future[Any] | None = None,
+             height: int = 0) -> None:
+        self.supervisor.tell(channel_id, Cmd(inp, reply, height))
+
+    def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
+        fut: Future[Any] = Future()
+        self.tell(channel_id, inp, fut)
+        result: ChannelState = fut.result(timeout)
+        return result
+
+    def start_channel(self, state: ChannelState, effects: list[Any],
+                      timeout: float = 30.0) -> None:
+        fut: Future[Any] = Future()
+        self.supervisor.start_new(state.channel_id, Start(state, effects, fut))
+        fut.result(timeout)
+
+    def wait_for(self, channel_id: bytes, predicate: Callable[[ChannelState], bool],
+                 timeout: float) -> ChannelState:
+        """Block until the committed state satisfies `predicate`."""
+        from paychan.protocol.errors import Timeout
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                state = self.state(channel_id)
+                if predicate(state):
+                    return state
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(f"channel {encode_channel_id(channel_id)} is "
+                                  f"{state.phase.value} after {timeout} s")
+                self.changed.wait(min(left, 0.5))
+
+    # -- effects, after each commit (on the channel actor's thread) ------------------------
+    def after_commit(self, cid: bytes, state: ChannelState, effects: list[Any]) -> None:
+        for eff in effects:
+            if isinstance(eff, machine.Send):
+                self.send(state.peer, encode(eff.msg))
+            elif isinstance(eff, machine.CallHandler):
+                self._run_handler(state, eff)
+            elif isinstance(eff, machine.NotifyPayOutcome):
+                fut = self.waiters.pop((cid, eff.payment_id), None)
+                if fut is not None and not fut.done():
+                    fut.set_result({"response": eff.response, "error": eff.error,
+                                    "refunded": eff.refunded})
+            elif isinstance(eff, machine.NotifyEvent):
+                self.emit_event(eff.name, cid, eff.info)
+            elif isinstance(eff, machine.InvalidInput):
+                log.warning("%s: peer input refused: %s", encode_channel_id(cid), eff.error)
+            elif type(eff).__name__.startswith("Submit"):
+                self.watcher.kick()
+        with self.changed:
+            self.changed.notify_all()
+
+    def send(self, peer: bytes, payload: bytes) -> None:
+        self.network.send(peer, self.sealer.seal(peer, payload))
+
+    def _run_handler(self, state: ChannelState, eff: machine.CallHandler) -> None:
+        key = (state.channel_id, eff.payment_id)
+        with self._lock:
+            if key in self.running:
+                return  # already running: its result will answer the duplicate too
+            self.running.add(key)
+        payment = Payment(eff.amount, state.params.asset, eff.message, encode_address(state.peer),
+                          encode_channel_id(state.channel_id), eff.payment_id)
+        self.handlers.submit(self._call_handler, state.channel_id, payment)
+
+    def _call_handler(self, cid: bytes, payment: Payment) -> None:
+        response, error = None, None
+        try:
+            if self.payment_handler is not None:
+                response = self.payment_handler(payment)
+            if body_size(response) > MAX_BODY:
+                raise ValueError(f"response is larger than {MAX_BODY} bytes")
+        except Exception as exc:
+            log.info("%s: handler failed for %s, refunding: %r", payment.channel_id,
+                     payment.payment_id, exc)
+            response, error = None, HandlerError(f"{type(exc).__name__}: {exc}").to_wire()
+        with self._lock:
+            self.running.discard((cid, payment.payment_id))
+        try:
+            self.tell(cid, machine.ActionHandlerDone(payment.payment_id, response, error))
+        except PaychanError:
+            log.exception("%s: cannot report a handler result", payment.channel_id)
+
+    # -- events for the application --------------------------------------------------------
+    def emit_event(self, name: str, cid: bytes, info: dict[str, Any]) -> None:
+        payload = {"event": name, "channel_id": encode_channel_id(cid), **info}
+        log.info("%s: %s %s", encode_channel_id(cid), name,
+                 {k: v for k, v in info.items() if k != "body"})
+        self._events.put(payload)
+
+    def _dispatch_events(self) -> None:
+        # Application callbacks run here, never on an actor thread, so they may call the API.
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            for cb in list(self.callbacks.get(item["event"], ())):
+                try:
+                    cb(item)
+                except Exception:
+                    log.exception("event callback for %s failed", item["event"])
+
+    # -- inbound ---------------------------------------------------------------------------
+    def on_envelope(self, envelope: bytes) -> None:
+        """Called on a transport's thread: decode, check the sender, hand to the actor."""
+        try:
+            sender, payload = self.sealer.open(envelope)
+            msg = decode(payload)
+        except PaychanError as exc:
+            log.warning("envelope refused: %s", exc)
+            return
+        cid = msg.channel_id
+        record = load_record(self, cid)
+        if record is None:
+            if isinstance(msg, OpenPropose) and msg.params.initiator == sender:
+                self._accept_open(msg)
+            else:
+                log.warning("message %s for unknown channel %s", type(msg).__name__,
+                            encode_channel_id(cid))
+            return
+        if record[0].peer != sender:
+            log.warning("%s: message from a non-party refused", encode_channel_id(cid))
+            return
+        try:
+            self.tell(cid, machine.receive(msg))
+        except PaychanError as exc:
+            log.warning("%s: cannot deliver: %s", encode_channel_id(cid), exc)
+
+    def _accept_open(self, msg: OpenPropose) -> None:
+        if msg.params.responder != self.identity.public:
+            log.warning("open proposal for another key refused")
+            return
+        if msg.params.network_id != self.ledger.network_id:
+            log.warning("open proposal for network %r refused", msg.params.network_id)
+            return
+        state, effects = machine.respond(msg, self.identity.public)
+        try:
+            self.start_channel(state, effects)
+        except PaychanError as exc:
+            log.info("open proposal: %s", exc)
+
+    # -- ledger ----------------------------------------------------------------------------
+    def on_ledger_event(self, event: dict[str, Any]) -> None:
+        """From the ledger's stream. Snapshots are idempotent; the actor drops old heights."""
+        cid = event["channel_id"]
+        if self.store.get(CHANNELS, cid) is None:
+            return
+        record = ChannelRecord.from_obj(event["record"])
+        payouts = tuple((bytes(w), int(a)) for w, a in event.get("payouts", ()))
+        try:
+            self.tell(cid, LedgerUpdate(record, event["event"], payouts), height=event["height"])
+        except PaychanError as exc:
+            log.warning("%s: ledger event not delivered: %s", encode_channel_id(cid), exc)
+        self.store.writer.submit([Put(KV, _HEIGHT, pack(event["height"]))])
+
+    def _catch_up(self) -> None:
+        """Replay the ledger events missed while stopped, then reconcile with current records."""
+        height = int(unpack(self.store.get(KV, _HEIGHT) or pack(0)))
+        while True:
+            events = self.ledger.events_since(height, 1000)
+            if not events:
+                break
+            for event in events:
+                self.on_ledger_event(event)
+                height = event["height"]
+        # An event dispatched just before a crash may not have been committed by its actor:
+        # compare every live channel with the ledger's record and feed the difference.
+        for cid in self.channel_ids():
+            record = load_record(self, cid)
+            if record is None or record[0].phase is Phase.REJECTED:
+                continue
+            state = record[0]
+            rec = self.ledger.channel(cid)
+            if rec is None:
+                continue
+            if (rec.period != state.period or rec.deposit_of(state.me) != state.deposit_me
+                    or rec.deposit_of(state.peer) != state.deposit_peer
+                    or (rec.close is not None) != (state.ledger_close is not None)
+                    or state.phase in (Phase.AWAITING_FUNDING, Phase.AWAITING_ACCEPT)):
+                self.tell(cid, LedgerUpdate(rec, "reconcile"))
+
+    def _sync_all(self) -> None:
+        """On (re)start, exchange sync with every peer so in-flight payments resolve."""
+        for cid in self.channel_ids():
+            record = load_record(self, cid)
+            if record is None:
+                continue
+            state = record[0]
+            if state.phase in (Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING) and (
+                    state.outgoing or state.serving or state.postponed):
+                self.tell(cid, machine.ActionSync())
+            elif state.phase is Phase.AWAITING_ACCEPT:
+                self.send(state.peer, encode(OpenPropose(cid, state.params, state.open_deposit)))
+
+    def sync(self, channel_id: bytes) -> None:
+        self.tell(channel_id, machine.ActionSync())
+
+    # -- payments --------------------------------------------------------------------------
+    def pay(self, channel_id: bytes, payment_id: str, amount: int, message: Any,
+            timeout: float) -> Any:
+        """Pay and wait for the peer's response; a known payment_id returns its stored outcome."""
+        from paychan.protocol.errors import Timeout, from_wire
+        outcome = outcome_of(self, channel_id, payment_id)
+        if outcome is None:
+            key = (channel_id, payment_id)
+            with self._lock:
+                fut = self.waiters.get(key)
+                if fut is None:
+                    fut = self.waiters[key] = Future()
+            accepted: Future[Any] = Future()
+            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), accepted)
+            try:
+                accepted.result(timeout)
+                outcome = fut.result(timeout)
+            except PaychanError:
+                self.waiters.pop(key, None)
+                raise
+            except TimeoutError:
+                raise Timeout(f"no answer to payment {payment_id} within {timeout} s; retry "
+                              "with the same payment_id to finish it") from None
+        if outcome["error"] is not None:
+            err = from_wire(outcome["error"])
+            if outcome.get("refunded"):
+                err = type(err)(f"{err.message} (refunded)")
+            raise err
+        return outcome["response"]
+
+    # -- shutdown --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.network.detach(self.identity.public)
+        try:
+            self.ledger.unsubscribe(self._ledger_token)
+        except Exception:
+            log.debug("ledger already gone at close")
+        self.watcher.stop()
+        self.handlers.shutdown(wait=True, cancel_futures=True)
+        self.supervisor.stop_all()
+        self._events.put(None)
+        self._dispatcher.join(timeout=5)
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(Rejected("node closed"))
+        self.store.close()
+        log.info("node %s closed", self.address)

@@ -1,0 +1,142 @@
+"""The supervisor: spawns channel actors on first use, restarts them from storage, bounds them."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from paychan.actors.channel_actor import ChannelActor, Start
+from paychan.protocol.errors import NotAllowedAtState
+from paychan.protocol.identity import encode_channel_id
+
+if TYPE_CHECKING:
+    from paychan.actors.node import NodeCore
+
+log = logging.getLogger("paychan.supervisor")
+
+MAX_FAILURES = 5
+FAILURE_WINDOW = 10.0
+
+
+class Quarantined(NotAllowedAtState):
+    """The channel failed too often and is no longer run; its stored state is kept."""
+
+
+class Supervisor:
+    """Short on purpose: recovery lives in the actor's on_start (reload) and in the store."""
+
+    def __init__(self, core: NodeCore, max_live: int = 256, idle_seconds: float = 30.0) -> None:
+        self.core = core
+        self.max_live = max_live
+        self.idle_seconds = idle_seconds
+        self._live: OrderedDict[bytes, tuple[pykka.ActorRef[Any], float]] = OrderedDict()
+        self._stopping: dict[bytes, pykka.ActorRef[Any]] = {}
+        self._failures: dict[bytes, deque[float]] = {}
+        self.quarantined: dict[bytes, str] = {}
+        self.restarts = 0
+        self.peak_live = 0
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="paychan-reaper", daemon=True)
+        self._reaper.start()
+
+    def live_count(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def tell(self, channel_id: bytes, message: Any) -> None:
+        """Deliver to the channel's actor, spawning it from storage when it is not running."""
+        for _ in range(3):
+            ref = self._ref(channel_id)
+            try:
+                ref.tell(message)
+                return
+            except pykka.ActorDeadError:
+                with self._lock:
+                    if self._live.get(channel_id, (None,))[0] is ref:
+                        del self._live[channel_id]
+        raise NotAllowedAtState(f"channel {encode_channel_id(channel_id)} cannot be started")
+
+    def start_new(self, channel_id: bytes, start: Start) -> None:
+        self.tell(channel_id, start)
+
+    def _ref(self, channel_id: bytes) -> pykka.ActorRef[Any]:
+        with self._lock:
+            if channel_id in self.quarantined:
+                raise Quarantined(f"channel {encode_channel_id(channel_id)} is quarantined: "
+                                  f"{self.quarantined[channel_id]}")
+            entry = self._live.get(channel_id)
+            if entry is not None and entry[0].is_alive():
+                self._live[channel_id] = (entry[0], time.monotonic())
+                self._live.move_to_end(channel_id)
+                return entry[0]
+            old = self._stopping.pop(channel_id, None)
+            if old is not None:
+                old.actor_stopped.wait(10)  # never two owners of one channel's state
+            while len(self._live) >= self.max_live:
+                victim, (vref, _) = self._live.popitem(last=False)
+                self._stop(victim, vref)
+            ref = ChannelActor.start(self.core, channel_id)
+            self._live[channel_id] = (ref, time.monotonic())
+            self.peak_live = max(self.peak_live, len(self._live))
+            return ref
+
+    def _stop(self, channel_id: bytes, ref: pykka.ActorRef[Any]) -> None:
+        # stop() queues behind what the actor already holds, so nothing in its mailbox is lost.
+        self._stopping[channel_id] = ref
+        ref.stop(block=False)
+
+    def failed(self, channel_id: bytes, exc: Any) -> None:
+        """Called on the failing actor's thread (pykka on_failure)."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live.get(channel_id)
+            if entry is not None:
+                del self._live[channel_id]
+            times = self._failures.setdefault(channel_id, deque(maxlen=MAX_FAILURES))
+            times.append(now)
+            self.restarts += 1
+            quarantine = len(times) >= MAX_FAILURES and now - times[0] <= FAILURE_WINDOW
+            if quarantine:
+                self.quarantined[channel_id] = repr(exc)
+        cid = encode_channel_id(channel_id)
+        if quarantine:
+            log.error("%s quarantined after %d failures in %.0f s: %r", cid, MAX_FAILURES,
+                      FAILURE_WINDOW, exc)
+            self.core.emit_event("channel_quarantined", channel_id, {"error": repr(exc)})
+        else:
+            log.warning("%s failed (%r); it restarts from storage on its next message", cid, exc)
+
+    def release(self, channel_id: bytes) -> None:
+        """Lift a quarantine (after the cause was mended)."""
+        with self._lock:
+            self.quarantined.pop(channel_id, None)
+            self._failures.pop(channel_id, None)
+
+    def _reap(self) -> None:
+        while not self._closed.wait(max(0.05, self.idle_seconds / 4)):
+            cutoff = time.monotonic() - self.idle_seconds
+            with self._lock:
+                idle = [cid for cid, (_, used) in self._live.items() if used < cutoff]
+                for cid in idle:
+                    ref, _ = self._live.pop(cid)
+                    self._stop(cid, ref)
+
+    def stop_all(self) -> None:
+        self._closed.set()
+        with self._lock:
+            refs = [ref for ref, _ in self._live.values()] + list(self._stopping.values())
+            self._live.clear()
+            self._stopping.clear()
+        for ref in refs:
+            try:
+                ref.stop(block=True, timeout=10)
+            except pykka.ActorDeadError:
+                pass
+        alive = [ref for ref in refs if ref.is_alive()]
+        if alive:
+            log.warning("%d channel actors still alive after stop", len(alive))

@@ -1,0 +1,260 @@
+"""The public Python API of DESIGN §7: Ledger, Node and their asyncio twins."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from paychan.actors.clock import VirtualClock, WallClock
+from paychan.actors.ledger import EmbeddedLedger
+from paychan.actors.node import NodeCore, Payment
+from paychan.protocol import channel as machine
+from paychan.protocol.channel import Phase
+from paychan.protocol.errors import (
+    InsufficientBalance,
+    InvalidParams,
+    NotAllowedAtState,
+    PaychanError,
+)
+from paychan.protocol.identity import (
+    check_amount,
+    decode_address,
+    decode_channel_id,
+    encode_address,
+)
+from paychan.protocol.wire import ChannelParams, check_body
+
+EVENTS = ("channel_created_by_peer", "payment_received", "channel_open", "deposit_confirmed",
+          "channel_closing", "channel_closed", "channel_closed_with_fraud_proof", "message",
+          "channel_quarantined", "channel_rejected", "peer_error", "own_voucher_recovered")
+
+
+class Ledger:
+    """A settlement ledger: embedded in this process, or (later) a remote `paychan ledger serve`."""
+
+    def __init__(self, client: EmbeddedLedger) -> None:
+        self.client = client
+
+    @classmethod
+    def embedded(cls, data_dir: str | None = None,
+                 clock: VirtualClock | WallClock | None = None) -> Ledger:
+        """An in-process ledger in LMDB at `data_dir` (a temporary one when None)."""
+        return cls(EmbeddedLedger(data_dir, clock))
+
+    @classmethod
+    def connect(cls, url: str) -> Ledger:
+        raise NotAllowedAtState("remote ledgers need `paychan ledger serve`, which is not built "
+                                "yet; use Ledger.embedded()")
+
+    def mint(self, address: str, amount: int, asset: str = "base") -> int:
+        """Dev faucet: create `amount` of `asset` in `address`'s ledger account."""
+        return self.client.mint(decode_address(address), check_amount(amount), asset)
+
+    def balance(self, address: str, asset: str = "base") -> int:
+        return self.client.balance(decode_address(address), asset)
+
+    def advance(self, seconds: int) -> None:
+        """Move a VirtualClock forward (watchers wake at once)."""
+        self.client.advance(seconds)
+
+    def now(self) -> int:
+        return self.client.now()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cid(ch: str) -> bytes:
+    return decode_channel_id(ch)
+
+
+class Node:
+    """One party: its channels, its payment handler and its events."""
+
+    def __init__(self, core: NodeCore) -> None:
+        self._core = core
+
+    @classmethod
+    def open(cls, data_dir: str, ledger: Ledger | str, listen: str | None = None,
+             hub: str | None = None, max_live_channels: int = 256,
+             idle_seconds: float = 30.0) -> Node:
+        """Open (or create) the node stored in `data_dir`."""
+        if isinstance(ledger, str):
+            ledger = Ledger.connect(ledger)
+        if listen is not None or hub is not None:
+            raise NotAllowedAtState("HTTP and chat transports are not built yet; nodes in one "
+                                    "process reach each other in memory")
+        core = NodeCore(os.fspath(data_dir), ledger.client, max_live_channels=max_live_channels,
+                        idle_seconds=idle_seconds)
+        return cls(core)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self._core.address
+
+    @property
+    def pairing_code(self) -> str:
+        raise NotAllowedAtState("pairing codes need a chat hub, which is not built yet")
+
+    # -- application hooks ------------------------------------------------------------------
+    def on_payment_received(self, handler: Callable[[Payment], Any]) -> None:
+        """`handler(p)`'s return value is the response; an exception refunds the payer."""
+        self._core.payment_handler = handler
+
+    def on(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        if event not in EVENTS:
+            raise InvalidParams(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+        self._core.callbacks.setdefault(event, []).append(callback)
+
+    # -- channels ---------------------------------------------------------------------------
+    def create_channel(self, peer: Node | str, amount: int, asset: str = "base",
+                       dispute_period: int = 600, salt: bytes | None = None,
+                       timeout: float = 30.0) -> str:
+        """Open a channel funded with `amount` of ours; returns its `ch_...` id once OPEN."""
+        check_amount(amount, "amount")
+        peer_key = self._peer_key(peer)
+        if peer_key == self._core.identity.public:
+            raise InvalidParams("a channel needs two different parties")
+        have = self._core.ledger.balance(self._core.identity.public, asset)
+        if have < amount:
+            raise InsufficientBalance(f"the ledger account holds {have} {asset}, not {amount}")
+        params = ChannelParams(self._core.identity.public, peer_key, asset, dispute_period,
+                               salt if salt is not None else os.urandom(32),
+                               self._core.ledger.network_id)
+        state, effects = machine.initiate(params, self._core.identity.public, amount)
+        self._core.start_channel(state, effects)
+        self._core.wait_for(params.channel_id, lambda s: s.phase is not Phase.AWAITING_ACCEPT
+                            and s.phase is not Phase.AWAITING_FUNDING, timeout)
+        st = self._core.state(params.channel_id)
+        if st.phase is Phase.REJECTED:
+            raise NotAllowedAtState("the peer rejected the channel")
+        return machine_channel_text(params.channel_id)
+
+    def _peer_key(self, peer: Node | str) -> bytes:
+        if isinstance(peer, Node):
+            return peer._core.identity.public
+        if isinstance(peer, str) and peer.startswith("ak_"):
+            return decode_address(peer)
+        raise InvalidParams("peer must be a Node in this process or an ak_ address "
+                            "(URLs and pairing codes need the HTTP and chat transports)")
+
+    def send_message_and_pay(self, ch: str, message: Any, amount: int, timeout: float = 10.0,
+                             payment_id: str | None = None) -> Any:
+        """Pay `amount` with `message`; returns the peer's response. Retrying with the same
+        `payment_id` never pays twice."""
+        check_amount(amount)
+        check_body(message)
+        pid = payment_id or uuid.uuid4().hex
+        return self._core.pay(_cid(ch), pid, amount, message, timeout)
+
+    def send_message(self, ch: str, message: Any) -> None:
+        """A free message to the peer (its `message` event)."""
+        self._core.ask(_cid(ch), machine.ActionMessage(message))
+
+    def deposit(self, ch: str, amount: int, wait: bool = True, timeout: float = 30.0) -> None:
+        check_amount(amount, "amount")
+        cid = _cid(ch)
+        before = self._core.state(cid)
+        have = self._core.ledger.balance(self._core.identity.public, before.params.asset)
+        if have < amount:
+            raise InsufficientBalance(f"the ledger account holds {have}, not {amount}")
+        self._core.ask(cid, machine.ActionDeposit(amount))
+        if wait and amount:
+            self._core.wait_for(cid, lambda s: s.period != before.period
+                                or s.deposit_me >= before.deposit_me + amount, timeout)
+
+    def balances(self, ch: str) -> dict[str, Any]:
+        s = self._core.state(_cid(ch))
+        return {"status": s.phase.value, "period": s.period, "deposited_by_me": s.deposit_me,
+                "deposited_by_peer": s.deposit_peer, "sent_by_me": s.my_sent,
+                "sent_by_peer": s.peer_sent, "my_balance": s.my_balance,
+                "peer_balance": s.peer_balance}
+
+    def channels(self, peer: Node | str | None = None) -> list[str]:
+        want = None if peer is None else self._peer_key(peer)
+        out = []
+        for cid in self._core.channel_ids():
+            if want is None or self._core.state(cid).peer == want:
+                out.append(machine_channel_text(cid))
+        return out
+
+    def close(self, ch: str, mutual: bool = True, wait: bool = True,
+              timeout: float | None = None, mutual_timeout: float = 5.0) -> dict[str, Any]:
+        """Close mutually when the peer answers in `mutual_timeout`, else solo (the watcher then
+        confirms after the dispute window). With `wait`, returns once the ledger paid out."""
+        cid = _cid(ch)
+        start = self._core.state(cid)
+        settled = lambda s: s.period > start.period  # noqa: E731
+        if mutual and start.ledger_close is None:
+            try:
+                self._core.ask(cid, machine.ActionCloseMutual())
+                self._core.wait_for(cid, settled, mutual_timeout)
+                return {"period": start.period, "mutual": True}
+            except PaychanError as exc:
+                self._core_log(f"mutual close did not finish ({exc}); closing solo")
+        now = self._core.state(cid)
+        if now.ledger_close is None and now.period == start.period:
+            self._core.ask(cid, machine.ActionCloseSolo())
+        if wait:
+            limit = timeout if timeout is not None else start.params.dispute_period + 60.0
+            self._core.wait_for(cid, settled, limit)
+        return {"period": start.period, "mutual": False}
+
+    def _core_log(self, text: str) -> None:
+        import logging
+        logging.getLogger("paychan.node").info(text)
+
+    def sync(self, ch: str) -> None:
+        self._core.sync(_cid(ch))
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- asyncio twins ----------------------------------------------------------------------
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+    async def acreate_channel(self, *args: Any, **kwargs: Any) -> str:
+        return str(await self._run(self.create_channel, *args, **kwargs))
+
+    async def asend_message_and_pay(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._run(self.send_message_and_pay, *args, **kwargs)
+
+    async def asend_message(self, *args: Any, **kwargs: Any) -> None:
+        await self._run(self.send_message, *args, **kwargs)
+
+    async def adeposit(self, *args: Any, **kwargs: Any) -> None:
+        await self._run(self.deposit, *args, **kwargs)
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(self.close, *args, **kwargs)
+        return result
+
+    async def astop(self) -> None:
+        await self._run(self.stop)
+
+
+def machine_channel_text(cid: bytes) -> str:
+    from paychan.protocol.identity import encode_channel_id
+    return encode_channel_id(cid)
+
+
+__all__ = ["EVENTS", "Ledger", "Node", "Payment", "encode_address"]
