@@ -88,7 +88,10 @@ class ActionNotAllowed(PaychanError):
 
 
 class Rejected(PaychanError):
-    code, detail, title = REJECTED, None, "Rejected"
+    # Annotated: a bare `detail = None` would make mypy type every subclass's detail as None.
+    code: ClassVar[int] = REJECTED
+    detail: ClassVar[int | None] = None
+    title: ClassVar[str] = "Rejected"
 
 
 class NotFound(Rejected):
