@@ -45,18 +45,23 @@ def signing_bytes(domain: bytes, fields: Sequence[Any]) -> bytes:
     return domain + b"\x00" + canonical(fields)
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
 @lru_cache(maxsize=4096)
 def _verify_key(public: bytes) -> VerifyKey:
     return VerifyKey(public)
 
 
 def verify(public: bytes, domain: bytes, fields: Sequence[Any], sig: bytes) -> bool:
-    """True when `sig` is `public`'s signature of `fields` under `domain`."""
-    if len(public) != KEY_LEN or len(sig) != SIG_LEN:
+    """True when `sig` is `public`'s signature of `fields` under `domain`; False for anything
+    malformed (wrong types or sizes, fields msgpack cannot carry), never an exception."""
+    if not (isinstance(public, _BYTES) and len(public) == KEY_LEN
+            and isinstance(sig, _BYTES) and len(sig) == SIG_LEN):
         return False
     try:
         _verify_key(bytes(public)).verify(signing_bytes(domain, fields), bytes(sig))
-    except (BadSignatureError, ValueError, TypeError):
+    except (BadSignatureError, ValueError, TypeError, OverflowError):
         return False
     return True
 
