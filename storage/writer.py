@@ -1,0 +1,323 @@
+"""The group-commit writer: one thread per store turns many requests into one durable commit."""
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import lmdb
+
+from paychan.storage.env import DB_NAMES, last_under, store_full
+from paychan.storage.errors import StorageError, StoreClosed
+from paychan.storage.keys import U64_MAX, from_u64, u64
+
+if TYPE_CHECKING:
+    from paychan.storage.env import Store
+
+__all__ = ["Append", "Delete", "Op", "Put", "Writer", "append", "apply"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DB_NAMES = frozenset(DB_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Set `key` in database `db` to `value` (overwriting)."""
+
+    db: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove `key` from database `db`; removing an absent key is not an error."""
+
+    db: str
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Store `value` at `prefix + u64(n)` where n is one more than the last n under `prefix`."""
+
+    db: str
+    prefix: bytes
+    value: bytes
+
+
+Op = Put | Delete | Append
+
+
+def append(txn: lmdb.Transaction, store: Store, db: str, prefix: bytes, value: bytes) -> int:
+    """Append `value` under `prefix` inside `txn`; returns its sequence number (first is 1).
+
+    Every key under `prefix` must be `prefix + u64(n)`; anything longer means two
+    prefixes overlap, which would corrupt the sequence, so it is refused.
+    """
+    handle = store.db(db)
+    with txn.cursor(db=handle) as cur:
+        last = last_under(cur, prefix)
+    if last is None:
+        seq = 1
+    else:
+        key = last[0]
+        if len(key) != len(prefix) + 8:
+            raise StorageError(
+                f"cannot append under {prefix.hex()!r} in {db!r}: key {key.hex()} is not "
+                "prefix + u64; another prefix overlaps this one")
+        seq = from_u64(key[len(prefix):]) + 1
+        if seq > U64_MAX:
+            raise StorageError(f"sequence under {prefix.hex()!r} in {db!r} is exhausted")
+    txn.put(prefix + u64(seq), value, db=handle)
+    return seq
+
+
+def apply(txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
+    """Apply `ops` in order inside `txn`; returns the sequence numbers Appends allocated."""
+    seqs: list[int] = []
+    for op in ops:
+        if isinstance(op, Put):
+            txn.put(op.key, op.value, db=store.db(op.db))
+        elif isinstance(op, Delete):
+            txn.delete(op.key, db=store.db(op.db))
+        else:
+            seqs.append(append(txn, store, op.db, op.prefix, op.value))
+    return seqs
+
+
+class _Request:
+    __slots__ = ("error", "fn", "future", "ops", "result")
+
+    def __init__(self, ops: tuple[Op, ...] | None, fn: Callable[..., Any] | None) -> None:
+        self.ops = ops
+        self.fn = fn
+        self.future: Future[Any] = Future()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+# Writers still running at interpreter exit are drained, so nothing already queued is lost
+# when a program forgets to close its store.
+_live: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_all_at_exit() -> None:
+    for writer in list(_live):
+        try:
+            writer.stop()
+        except Exception:
+            log.exception("storage writer failed to drain at exit")
+
+
+class Writer:
+    """The only code that writes to a store: one thread, one write transaction per batch.
+
+    The thread takes every request waiting in its queue, runs each in a nested transaction
+    (so a failing request rolls back alone), commits the batch once with fsync, and only
+    then completes all of its futures. A completed future therefore means durable data.
+
+    Futures are completed on the writer thread; their callbacks must be quick and must not
+    block on the writer (use `submit`, never `commit`, from a callback).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._max_key = store.env.max_key_size()
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._batches = 0
+        self._requests = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"paychan-storage-writer:{store.path}", daemon=True)
+        self._thread.start()
+        _live.add(self)
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def submit(self, ops: Sequence[Op]) -> Future[list[int]]:
+        """Queue `ops` as one atomic request; the future gives the Append sequence numbers."""
+        checked = tuple(ops)
+        for op in checked:
+            self._check(op)
+        return self._enqueue(_Request(checked, None))
+
+    def submit_fn(self, fn: Callable[[lmdb.Transaction, Store], T]) -> Future[T]:
+        """Queue `fn(txn, store)` to run in its own nested write transaction.
+
+        If `fn` raises, only its writes are undone and its future carries the exception.
+        `fn` runs on the writer thread, so it must not block on the writer, and its result
+        must not reference `txn`, which is gone when the future completes. If a whole batch
+        fails to commit, its requests are retried one by one, so `fn` may run twice: keep
+        its effects inside `txn`.
+        """
+        if not callable(fn):
+            raise TypeError("submit_fn needs a callable fn(txn, store)")
+        return self._enqueue(_Request(None, fn))
+
+    def commit(self, ops: Sequence[Op], timeout: float | None = None) -> list[int]:
+        """`submit(ops)` and wait until durable; returns the Append sequence numbers."""
+        self._refuse_self_wait()
+        return self.submit(ops).result(timeout)
+
+    def transact(self, fn: Callable[[lmdb.Transaction, Store], T],
+                 timeout: float | None = None) -> T:
+        """`submit_fn(fn)` and wait until durable; returns what `fn` returned or raises."""
+        self._refuse_self_wait()
+        return self.submit_fn(fn).result(timeout)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Write transactions run ("batches") and the requests they carried ("requests")."""
+        with self._lock:
+            return {"batches": self._batches, "requests": self._requests}
+
+    def stop(self) -> None:
+        """Refuse new requests, write everything already queued, and end the thread."""
+        if self.on_writer_thread():
+            raise StorageError("the storage writer cannot be stopped from its own thread")
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._queue.put(None)
+        self._thread.join()
+        _live.discard(self)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def _enqueue(self, req: _Request) -> Future[Any]:
+        with self._lock:
+            if self._stopped:
+                raise StoreClosed(f"the writer of the store at {self._store.path} is stopped")
+            self._queue.put(req)
+        return req.future
+
+    def on_writer_thread(self) -> bool:
+        """True when called from the writer thread (e.g. inside a function or callback)."""
+        return threading.current_thread() is self._thread
+
+    def _refuse_self_wait(self) -> None:
+        if self.on_writer_thread():
+            raise StorageError(
+                "waiting on the storage writer from its own thread would deadlock; use submit")
+
+    def _check(self, op: object) -> None:
+        # Checked on the caller's thread so mistakes raise where they were made.
+        if isinstance(op, Put | Delete):
+            key, what, extra = op.key, "key", 0
+        elif isinstance(op, Append):
+            # An Append's key is its prefix plus the 8-byte sequence number.
+            key, what, extra = op.prefix, "prefix", 8
+        else:
+            raise TypeError(f"not a storage op: {op!r}")
+        if op.db not in _DB_NAMES:
+            raise StorageError(f"no database named {op.db!r}; known: {', '.join(DB_NAMES)}")
+        if not isinstance(key, bytes):
+            raise TypeError(f"{type(op).__name__} {what} must be bytes")
+        if not 0 < len(key) + extra <= self._max_key:
+            raise StorageError(
+                f"{type(op).__name__} key must be 1..{self._max_key} bytes, "
+                f"got {len(key) + extra}")
+        if not isinstance(op, Delete) and not isinstance(op.value, bytes):
+            raise TypeError(f"{type(op).__name__} value must be bytes (see keys.pack)")
+
+    # ---- the writer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        running = True
+        while running:
+            batch: list[_Request] = []
+            item = self._queue.get()
+            while True:
+                if item is None:
+                    running = False
+                    break
+                # A future cancelled while queued is skipped, never half-done.
+                if item.future.set_running_or_notify_cancel():
+                    batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._write(batch)
+                except BaseException as exc:  # keep serving; every caller hears about it
+                    log.exception("storage writer batch failed")
+                    for req in batch:
+                        if not req.future.done():
+                            req.future.set_exception(exc)
+
+    def _write(self, batch: list[_Request]) -> None:
+        env = self._store.env
+        try:
+            with env.begin(write=True) as txn:
+                for req in batch:
+                    self._run_one(txn, req)
+        except BaseException as exc:
+            failure = self._translate(exc)
+            if len(batch) == 1:
+                batch[0].error = failure
+            else:
+                # The batch as a whole did not commit (e.g. the map filled while saving the
+                # free list): give each request that had succeeded its own chance.
+                log.warning("group commit of %d requests failed (%s); retrying one by one",
+                            len(batch), failure)
+                self._write_singly(env, batch)
+        with self._lock:
+            self._batches += 1
+            self._requests += len(batch)
+        # Only now is everything in the batch durable (or definitely not written).
+        for req in batch:
+            if req.error is not None:
+                req.future.set_exception(req.error)
+            else:
+                req.future.set_result(req.result)
+
+    def _write_singly(self, env: lmdb.Environment, batch: list[_Request]) -> None:
+        for req in batch:
+            if req.error is not None:
+                continue  # it failed on its own and was already rolled back
+            try:
+                with env.begin(write=True) as txn:
+                    self._run_one(txn, req)
+            except BaseException as exc:
+                req.error = self._translate(exc)
+
+    def _run_one(self, txn: lmdb.Transaction, req: _Request) -> None:
+        store = self._store
+        try:
+            with store.env.begin(write=True, parent=txn) as child:
+                if req.fn is not None:
+                    result = req.fn(child, store)
+                else:
+                    assert req.ops is not None
+                    result = apply(child, store, req.ops)
+        except BaseException as exc:
+            req.result, req.error = None, self._translate(exc, ops=req.ops is not None)
+            return
+        req.result, req.error = result, None
+
+    def _translate(self, exc: BaseException, ops: bool = True) -> BaseException:
+        if isinstance(exc, lmdb.MapFullError):
+            full = store_full(self._store.path, self._store.map_size)
+            full.__cause__ = exc
+            return full
+        if ops and isinstance(exc, lmdb.Error):
+            wrapped = StorageError(f"write failed: {exc}")
+            wrapped.__cause__ = exc
+            return wrapped
+        return exc
