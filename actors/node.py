@@ -21,6 +21,7 @@ from paychan.actors.channel_actor import (
 from paychan.actors.envelope import Sealer
 from paychan.actors.loopback import LoopbackNetwork, default_network
 from paychan.actors.supervisor import Supervisor
+from paychan.actors.transport import LoopbackTransport, Routes, Transport
 from paychan.actors.watcher import Watcher
 from paychan.protocol import channel as machine
 from paychan.protocol.channel import ChannelState, LedgerUpdate, Phase
@@ -76,7 +77,8 @@ class NodeCore:
 
     def __init__(self, data_dir: str, ledger: LedgerClient,
                  network: LoopbackNetwork | None = None, max_live_channels: int = 256,
-                 idle_seconds: float = 30.0, handler_threads: int = 8) -> None:
+                 idle_seconds: float = 30.0, handler_threads: int = 8,
+                 transports: list[Transport] | None = None) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.data_dir = data_dir
         self.store = Store.open(data_dir)
@@ -97,8 +99,12 @@ class NodeCore:
         self._dispatcher = threading.Thread(target=self._dispatch_events, daemon=True,
                                             name="paychan-events")
         self._dispatcher.start()
+        self.routes = Routes(self.store)
         self.network = network or default_network()
-        self.network.attach(self.identity.public, self.on_envelope)
+        self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public),
+                                            *(transports or [])]
+        for transport in self.transports:
+            transport.start(self.on_envelope)
         self._ledger_token = ledger.subscribe(self.on_ledger_event)
         ledger.on_tick(self.watcher.kick)
         self._catch_up()
@@ -184,7 +190,12 @@ class NodeCore:
             self.changed.notify_all()
 
     def send(self, peer: bytes, payload: bytes) -> None:
-        self.network.send(peer, self.sealer.seal(peer, payload))
+        route = self.routes.get(peer)
+        for transport in self.transports:
+            if transport.can_reach(peer, route):
+                transport.send(peer, self.sealer.seal(peer, payload), route)
+                return
+        log.info("no route to %s yet; sync delivers once it is reachable", peer.hex()[:12])
 
     def _run_handler(self, state: ChannelState, eff: machine.CallHandler) -> None:
         key = (state.channel_id, eff.payment_id)
@@ -234,14 +245,17 @@ class NodeCore:
                     log.exception("event callback for %s failed", item["event"])
 
     # -- inbound ---------------------------------------------------------------------------
-    def on_envelope(self, envelope: bytes) -> None:
-        """Called on a transport's thread: decode, check the sender, hand to the actor."""
+    def on_envelope(self, envelope: bytes, route: dict[str, Any] | None = None) -> None:
+        """Called on a transport's thread: decode, check the sender, hand to the actor.
+        `route` says how to answer the sender; it is learned only once the envelope opened."""
         try:
             sender, payload = self.sealer.open(envelope)
             msg = decode(payload)
         except PaychanError as exc:
             log.warning("envelope refused: %s", exc)
             return
+        if route is not None:
+            self.routes.learn(sender, route)
         cid = msg.channel_id
         record = load_record(self, cid)
         if record is None:
@@ -363,7 +377,11 @@ class NodeCore:
         if self._closed:
             return
         self._closed = True
-        self.network.detach(self.identity.public)
+        for transport in reversed(self.transports):
+            try:
+                transport.close()
+            except Exception:
+                log.exception("closing transport %s", transport.name)
         try:
             self.ledger.unsubscribe(self._ledger_token)
         except Exception:

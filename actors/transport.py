@@ -1,0 +1,72 @@
+"""What a transport is to a node, the loopback one, and the routes the node learned per peer."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from paychan.actors.loopback import LoopbackNetwork
+from paychan.storage.env import Store
+from paychan.storage.keys import pack, unpack
+from paychan.storage.writer import Put
+
+log = logging.getLogger("paychan.transport")
+
+PEERS = "peers"
+
+# deliver(envelope, route): `route` is how to answer the sender (e.g. {"via": "http", "url": ...})
+Deliver = Callable[[bytes, dict[str, Any] | None], None]
+
+
+class Transport(Protocol):
+    """Moves sealed envelopes. `send` never blocks the caller; losses are repaired by sync."""
+
+    name: str
+
+    def start(self, deliver: Deliver) -> None: ...
+    def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool: ...
+    def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None: ...
+    def close(self) -> None: ...
+
+
+class LoopbackTransport:
+    """Nodes in one process, through a LoopbackNetwork."""
+
+    name = "loopback"
+
+    def __init__(self, network: LoopbackNetwork, address: bytes) -> None:
+        self.network = network
+        self.address = address
+
+    def start(self, deliver: Deliver) -> None:
+        self.network.attach(self.address, lambda envelope: deliver(envelope, None))
+
+    def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool:
+        return (route is None or route.get("via") == "loopback") and self.network.is_attached(peer)
+
+    def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None:
+        self.network.send(peer, envelope)
+
+    def close(self) -> None:
+        self.network.detach(self.address)
+
+
+class Routes:
+    """How to reach each peer, persisted in the `peers` database."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[bytes, dict[str, Any] | None] = {}
+
+    def get(self, peer: bytes) -> dict[str, Any] | None:
+        if peer not in self._cache:
+            raw = self.store.get(PEERS, peer)
+            self._cache[peer] = None if raw is None else unpack(raw)
+        return self._cache[peer]
+
+    def learn(self, peer: bytes, route: dict[str, Any]) -> None:
+        if self.get(peer) == route:
+            return
+        self._cache[peer] = route
+        self.store.writer.submit([Put(PEERS, peer, pack(route))])
+        log.info("route to %s: %s", peer.hex()[:12], route)
