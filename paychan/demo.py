@@ -53,8 +53,12 @@ class Demo:
         ledger.mint(service.address, minted["service"])
         self.say(f"client  {client.address}\nservice {service.address}")
         fraud_seen = threading.Event()
-        client.on("channel_closed_with_fraud_proof",
-                  lambda e: (self.events.append(e), fraud_seen.set()))
+
+        def on_fraud(event: dict[str, Any]) -> None:
+            self.events.append(event)
+            fraud_seen.set()
+
+        client.on("channel_closed_with_fraud_proof", on_fraud)
 
         def square(p: Payment) -> dict[str, Any]:
             if p.message.get("op") == "fail":

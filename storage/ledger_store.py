@@ -72,8 +72,9 @@ class LedgerStore:
         def fn(txn: lmdb.Transaction, store: Store) -> dict[str, Any]:
             seen = txn.get(b"tx:" + tx.txid, db=store.db(META))
             if seen is not None:
-                event = unpack(txn.get(u64(unpack(seen)), db=store.db(EVENTS)))
-                return {**event, "duplicate": True}
+                original = txn.get(u64(unpack(seen)), db=store.db(EVENTS))
+                assert original is not None, "a seen txid always has its event"
+                return {**unpack(original), "duplicate": True}
             cid = channel_of(tx)
             raw = txn.get(cid, db=store.db(CHANNELS))
             rec = None if raw is None else ChannelRecord.from_obj(unpack(raw))
