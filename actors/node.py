@@ -104,6 +104,11 @@ class NodeCore:
         self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public),
                                             *(transports or [])]
         for transport in self.transports:
+            info = getattr(transport, "info", None)
+            if isinstance(info, dict):
+                info.update(address=self.address, network_id=ledger.network_id)
+            if hasattr(transport, "on_reconnect"):
+                transport.on_reconnect = self.on_peer_back
             transport.start(self.on_envelope)
         self._ledger_token = ledger.subscribe(self.on_ledger_event)
         ledger.on_tick(self.watcher.kick)
@@ -341,6 +346,20 @@ class NodeCore:
 
     def sync(self, channel_id: bytes) -> None:
         self.tell(channel_id, machine.ActionSync())
+
+    def on_peer_back(self, peer: bytes) -> None:
+        """A transport reached a peer again after a gap: sync every live channel with it."""
+        for cid in self.channel_ids():
+            record = load_record(self, cid)
+            if record is not None and record[0].peer == peer and record[0].phase in (
+                    Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING):
+                try:
+                    self.tell(cid, machine.ActionSync())
+                except PaychanError as exc:
+                    log.warning("%s: sync not started: %s", encode_channel_id(cid), exc)
+
+    def transport(self, name: str) -> Transport | None:
+        return next((t for t in self.transports if t.name == name), None)
 
     # -- payments --------------------------------------------------------------------------
     def pay(self, channel_id: bytes, payment_id: str, amount: int, message: Any,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paychan.actors.clock import VirtualClock, WallClock
+from paychan.actors.http_transport import HttpTransport
 from paychan.actors.ledger import EmbeddedLedger
 from paychan.actors.node import NodeCore, Payment
 from paychan.protocol import channel as machine
@@ -86,15 +87,18 @@ class Node:
     @classmethod
     def open(cls, data_dir: str, ledger: Ledger | str, listen: str | None = None,
              hub: str | None = None, max_live_channels: int = 256,
-             idle_seconds: float = 30.0) -> Node:
-        """Open (or create) the node stored in `data_dir`."""
+             idle_seconds: float = 30.0, tls_cert: str | None = None,
+             tls_key: str | None = None, tls_ca: str | None = None) -> Node:
+        """Open (or create) the node stored in `data_dir`. `listen` ("http(s)://host:port")
+        accepts peers directly (https needs `tls_cert` and `tls_key`); `tls_ca` is the CA file
+        that peers' certificates must chain to (default: the system's trust store)."""
         if isinstance(ledger, str):
             ledger = Ledger.connect(ledger)
-        if listen is not None or hub is not None:
-            raise NotAllowedAtState("HTTP and chat transports are not built yet; nodes in one "
-                                    "process reach each other in memory")
+        if hub is not None:
+            raise NotAllowedAtState("the chat hub transport is not built yet")
+        transports: list[Any] = [HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)]
         core = NodeCore(os.fspath(data_dir), ledger.client, max_live_channels=max_live_channels,
-                        idle_seconds=idle_seconds)
+                        idle_seconds=idle_seconds, transports=transports)
         return cls(core)
 
     # -- identity ---------------------------------------------------------------------------
@@ -143,10 +147,17 @@ class Node:
     def _peer_key(self, peer: Node | str) -> bytes:
         if isinstance(peer, Node):
             return peer._core.identity.public
-        if isinstance(peer, str) and peer.startswith("ak_"):
+        if isinstance(peer, str) and peer.startswith("ak_") and "@" not in peer:
             return decode_address(peer)
-        raise InvalidParams("peer must be a Node in this process or an ak_ address "
-                            "(URLs and pairing codes need the HTTP and chat transports)")
+        if isinstance(peer, str) and peer.startswith(("http://", "https://")):
+            http = self._core.transport("http")
+            assert isinstance(http, HttpTransport)
+            info = http.fetch_info(peer)
+            key = decode_address(info.get("address"))
+            self._core.routes.learn(key, {"via": "http", "url": peer.rstrip("/")})
+            return key
+        raise InvalidParams("peer must be a Node in this process, an ak_ address or an "
+                            "http(s):// URL")
 
     def send_message_and_pay(self, ch: str, message: Any, amount: int, timeout: float = 10.0,
                              payment_id: str | None = None) -> Any:

@@ -1,0 +1,217 @@
+"""HTTP(S) peer transport on aiohttp: every node is both server and client, envelopes are Boxes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from paychan.actors.transport import Deliver
+from paychan.protocol.errors import BrokenEncoding, PaychanError, Rejected, Unauthorized
+from paychan.protocol.wire import MAX_FRAME
+
+log = logging.getLogger("paychan.http")
+
+MAX_BODY = MAX_FRAME + 2048  # an envelope: the frame plus the Box's overhead
+MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
+MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
+REPLY_TO = "X-Paychan-Reply-To"
+
+
+class PeerUnreachable(Rejected):
+    """The peer's URL does not answer, or its certificate is not trusted."""
+
+
+def client_ssl(ca_file: str | None) -> ssl.SSLContext:
+    """Verify peers against `ca_file` (a test CA) or the system's trust store."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    return ctx
+
+
+class HttpTransport:
+    """Owns one event-loop thread; the node's threads hand it work with call_soon_threadsafe."""
+
+    name = "http"
+
+    def __init__(self, listen: str | None, info: dict[str, Any], cert_file: str | None = None,
+                 key_file: str | None = None, ca_file: str | None = None) -> None:
+        self.listen = listen.rstrip("/") if listen else None
+        self.info = info
+        self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
+        self.on_reconnect: Callable[[bytes], None] | None = None
+        self._deliver: Deliver | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="paychan-http")
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._queues: dict[bytes, asyncio.Queue[bytes]] = {}
+        self._workers: dict[bytes, asyncio.Task[None]] = {}
+        self._urls: dict[bytes, str] = {}
+        self._limit: asyncio.Semaphore | None = None
+        self.refused = 0
+        self.bound_port: int | None = None
+
+    # -- life ------------------------------------------------------------------------------
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+
+    async def _start(self) -> None:
+        self._limit = asyncio.Semaphore(MAX_INFLIGHT)
+        ssl_ctx = client_ssl(self.ca_file)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, ssl=ssl_ctx, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=15))
+        if self.listen is None:
+            return
+        url = urlsplit(self.listen)
+        server_ssl = None
+        if url.scheme == "https":
+            if not (self.cert_file and self.key_file):
+                raise Unauthorized("an https:// listen URL needs a certificate and a key")
+            server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server_ssl.load_cert_chain(self.cert_file, self.key_file)
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post("/envelope", self._on_post)
+        app.router.add_get("/info", self._on_info)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, url.hostname or "127.0.0.1", url.port or 0,
+                           ssl_context=server_ssl)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.bound_port = sockets[0].getsockname()[1]
+        log.info("listening on %s", self.listen)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        except Exception:
+            log.exception("http transport did not stop cleanly")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _stop(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- server ----------------------------------------------------------------------------
+    async def _on_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.info)
+
+    async def _on_post(self, request: web.Request) -> web.Response:
+        assert self._limit is not None
+        async with self._limit:
+            if request.content_length is not None and request.content_length > MAX_BODY:
+                self.refused += 1
+                return _error(413, BrokenEncoding(f"body over {MAX_BODY} bytes"))
+            try:
+                body = await request.content.read(MAX_BODY + 1)
+            except Exception:
+                self.refused += 1
+                return _error(400, BrokenEncoding("truncated body"))
+            if not body or len(body) > MAX_BODY:
+                self.refused += 1
+                return _error(413 if body else 400, BrokenEncoding("empty or oversized body"))
+            reply_to = request.headers.get(REPLY_TO)
+            route = None
+            if reply_to and reply_to.startswith(("http://", "https://")) and len(reply_to) < 300:
+                route = {"via": "http", "url": reply_to.rstrip("/")}
+            assert self._deliver is not None
+            # The node opens the Box and checks everything; a bad envelope is dropped there
+            # with a log line. Answering 202 alike tells a prober nothing.
+            self._deliver(body, route)
+            return web.Response(status=202)
+
+    # -- client ----------------------------------------------------------------------------
+    def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool:
+        return route is not None and route.get("via") == "http"
+
+    def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None:
+        assert route is not None
+        self._loop.call_soon_threadsafe(self._enqueue, peer, route["url"], envelope)
+
+    def _enqueue(self, peer: bytes, url: str, envelope: bytes) -> None:
+        self._urls[peer] = url
+        queue = self._queues.get(peer)
+        if queue is None:
+            queue = self._queues[peer] = asyncio.Queue(MAX_QUEUED)
+        if queue.full():
+            queue.get_nowait()  # the oldest goes; sync resends whatever still matters
+        queue.put_nowait(envelope)
+        worker = self._workers.get(peer)
+        if worker is None or worker.done():
+            self._workers[peer] = self._loop.create_task(self._drain(peer))
+
+    async def _drain(self, peer: bytes) -> None:
+        """Send a peer's queue in order; while it is away, retry with backoff."""
+        queue = self._queues[peer]
+        delay, failed = 0.1, False
+        while not queue.empty():
+            envelope = queue.get_nowait()
+            batch = [envelope]
+            while not queue.empty() and len(batch) < 32:
+                batch.append(queue.get_nowait())
+            while True:
+                try:
+                    await asyncio.gather(*(self._post(self._urls[peer], e) for e in batch))
+                    break
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    failed = True
+                    log.info("peer %s at %s unreachable (%s); retry in %.1f s",
+                             peer.hex()[:12], self._urls[peer], exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            if failed and self.on_reconnect is not None:
+                failed, delay = False, 0.1
+                # Back after a gap: sync resends what the peer may have missed.
+                self.on_reconnect(peer)
+
+    async def _post(self, url: str, envelope: bytes) -> None:
+        assert self._session is not None
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.listen:
+            headers[REPLY_TO] = self.listen
+        async with self._session.post(url + "/envelope", data=envelope, headers=headers) as r:
+            if r.status >= 500:
+                raise aiohttp.ClientError(f"peer answered {r.status}")
+            if r.status >= 400:
+                log.warning("peer at %s refused an envelope: %s", url, await r.text())
+
+    def fetch_info(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
+        """GET url/info from a caller's thread; clear errors for refused or untrusted peers."""
+        async def get() -> dict[str, Any]:
+            assert self._session is not None
+            async with self._session.get(url.rstrip("/") + "/info") as r:
+                r.raise_for_status()
+                info: dict[str, Any] = await r.json()
+                return info
+        try:
+            return asyncio.run_coroutine_threadsafe(get(), self._loop).result(timeout)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise PeerUnreachable(f"{url}: certificate not trusted ({exc.certificate_error})") \
+                from None
+        except aiohttp.ClientSSLError as exc:
+            raise PeerUnreachable(f"{url}: TLS failed ({exc})") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise PeerUnreachable(f"{url}: {exc or type(exc).__name__}") from None
+
+
+def _error(status: int, err: PaychanError) -> web.Response:
+    return web.json_response({"error": err.to_wire()}, status=status)
