@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print a machine-readable summary")
     demo.add_argument("--data", default=None,
                       help="keep the ledger and nodes here (default: a temporary folder)")
+    from paychan import node_cli
+    node_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "node":
+        return node_cli.main(args)
     if args.command == "demo":
         from paychan.demo import main as demo_main
         return demo_main(args.calls, args.price, args.json, args.data)

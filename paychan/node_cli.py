@@ -1,0 +1,94 @@
+"""`paychan node run` (a long-running node daemon) and `paychan node pay` (a one-shot payer)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+from paychan.api import EVENTS, Ledger, Node, Payment
+
+log = logging.getLogger("paychan.daemon")
+
+
+def add_parser(sub: Any) -> None:
+    node = sub.add_parser("node", help="run a node, or pay from one")
+    verbs = node.add_subparsers(dest="verb", required=True)
+    for verb, text in (("run", "a long-running node that serves paid calls (echo)"),
+                       ("pay", "open (or reuse) a channel to a peer and pay it")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("--data", required=True, help="the node's data folder")
+        p.add_argument("--ledger", required=True, help="ledger URL (paychan ledger serve)")
+        p.add_argument("--listen", default=None, help="http(s)://host:port to accept peers on")
+        p.add_argument("--hub", default=None, help="chat hub URL to be reachable through")
+        p.add_argument("--tls-cert", default=None)
+        p.add_argument("--tls-key", default=None)
+        p.add_argument("--tls-ca", default=None, help="CA file that peers' certificates chain to")
+    pay = verbs.choices["pay"]
+    pay.add_argument("--peer", required=True, help="the peer's URL or pairing code")
+    pay.add_argument("--deposit", type=int, default=1000, help="deposit of a new channel")
+    pay.add_argument("--amount", type=int, default=1, help="amount of each payment")
+    pay.add_argument("--count", type=int, default=1, help="payments to make")
+    pay.add_argument("--message", default="hello", help="message sent with each payment")
+    pay.add_argument("--mint", type=int, default=0, help="dev faucet: mint this much first")
+    pay.add_argument("--close", action="store_true", help="close the channel afterwards")
+
+
+def _open(args: argparse.Namespace) -> Node:
+    return Node.open(args.data, ledger=Ledger.connect(args.ledger), listen=args.listen,
+                     hub=args.hub, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                     tls_ca=args.tls_ca)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verb == "run" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args) if args.verb == "run" else pay(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (actors, transports, store)."""
+    node = _open(args)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+
+    def echo(p: Payment) -> dict[str, Any]:
+        return {"echo": p.message, "amount": p.amount}
+
+    node.on_payment_received(echo)
+    for event in EVENTS:
+        node.on(event, lambda e: log.info("event %s", json.dumps(e, default=str)))
+    print(f"node {node.address} running", flush=True)
+    try:
+        code = node.pairing_code
+        print(f"pairing code {code}", flush=True)
+    except Exception:  # no hub: peers reach us by URL
+        pass
+    done.wait()
+    log.info("stopping")
+    node.stop()
+    return 0
+
+
+def pay(args: argparse.Namespace) -> int:
+    with _open(args) as node:
+        if args.mint:
+            Ledger.connect(args.ledger).mint(node.address, args.mint)
+        need = args.amount * args.count
+        ch = next((c for c in node.channels(args.peer)
+                   if node.balances(c)["status"] == "open"
+                   and node.balances(c)["my_balance"] >= need), None)
+        if ch is None:
+            ch = node.create_channel(args.peer, args.deposit)
+            print(f"opened {ch}", flush=True)
+        for _ in range(args.count):
+            reply = node.send_message_and_pay(ch, args.message, args.amount)
+            print(json.dumps(reply, default=str), flush=True)
+        print(json.dumps(node.balances(ch)), flush=True)
+        if args.close:
+            node.close(ch)
+            print("closed", flush=True)
+    return 0
