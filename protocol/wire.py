@@ -362,8 +362,9 @@ def decode(data: Any) -> Msg:
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise DecodeError(f"unknown message type {kind!r}")
-    if obj.get("v") != PROTOCOL_VERSION or isinstance(obj.get("v"), bool):
-        raise DecodeError(f"unsupported protocol version {obj.get('v')!r}")
+    version = obj.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
+        raise DecodeError(f"unsupported protocol version {version!r}")
     names = [name for name, _ in cls.SCHEMA]
     if set(obj) != {"type", "v", *names}:
         raise DecodeError(f"{kind}: fields must be exactly {names}")
