@@ -134,9 +134,10 @@ class HttpTransport:
             if reply_to and reply_to.startswith(("http://", "https://")) and len(reply_to) < 300:
                 route = {"via": "http", "url": reply_to.rstrip("/")}
             assert self._deliver is not None
-            # The node opens the Box and checks everything; a bad envelope is dropped there
-            # with a log line. Answering 202 alike tells a prober nothing.
-            self._deliver(body, route)
+            refused = self._deliver(body, route)
+            if refused is not None:
+                self.refused += 1
+                return _error(401 if refused.code == 1 else 400, refused)
             return web.Response(status=202)
 
     # -- client ----------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from paychan.protocol import channel as machine
 from paychan.protocol.channel import ChannelState, LedgerUpdate, Phase
 from paychan.protocol.contract import ChannelRecord
 from paychan.protocol.errors import (
+    Conflict,
     HandlerError,
     NotFound,
     PaychanError,
     Rejected,
+    Unauthorized,
 )
 from paychan.protocol.identity import Identity, encode_address, encode_channel_id
 from paychan.protocol.wire import MAX_BODY, OpenPropose, body_size, decode, encode
@@ -250,46 +252,50 @@ class NodeCore:
                     log.exception("event callback for %s failed", item["event"])
 
     # -- inbound ---------------------------------------------------------------------------
-    def on_envelope(self, envelope: bytes, route: dict[str, Any] | None = None) -> None:
+    def on_envelope(self, envelope: bytes,
+                    route: dict[str, Any] | None = None) -> PaychanError | None:
         """Called on a transport's thread: decode, check the sender, hand to the actor.
-        `route` says how to answer the sender; it is learned only once the envelope opened."""
+        `route` says how to answer the sender; it is learned only once the envelope opened.
+        Returns the reason an envelope was refused, for transports that answer their caller."""
         try:
             sender, payload = self.sealer.open(envelope)
             msg = decode(payload)
         except PaychanError as exc:
             log.warning("envelope refused: %s", exc)
-            return
-        if route is not None:
-            self.routes.learn(sender, route)
+            return exc
         cid = msg.channel_id
         record = load_record(self, cid)
         if record is None:
             if isinstance(msg, OpenPropose) and msg.params.initiator == sender:
-                self._accept_open(msg)
-            else:
-                log.warning("message %s for unknown channel %s", type(msg).__name__,
-                            encode_channel_id(cid))
-            return
+                if route is not None:
+                    self.routes.learn(sender, route)
+                return self._accept_open(msg)
+            log.warning("message %s for unknown channel %s", type(msg).__name__,
+                        encode_channel_id(cid))
+            return NotFound(f"no channel {encode_channel_id(cid)} here")
         if record[0].peer != sender:
             log.warning("%s: message from a non-party refused", encode_channel_id(cid))
-            return
+            return Unauthorized("the sender is not a party of this channel")
+        if route is not None:
+            self.routes.learn(sender, route)
         try:
             self.tell(cid, machine.receive(msg))
         except PaychanError as exc:
             log.warning("%s: cannot deliver: %s", encode_channel_id(cid), exc)
+            return exc
+        return None
 
-    def _accept_open(self, msg: OpenPropose) -> None:
+    def _accept_open(self, msg: OpenPropose) -> PaychanError | None:
         if msg.params.responder != self.identity.public:
             log.warning("open proposal for another key refused")
-            return
+            return Unauthorized("the proposal names another responder")
         if msg.params.network_id != self.ledger.network_id:
             log.warning("open proposal for network %r refused", msg.params.network_id)
-            return
+            return Conflict(f"this node is on network {self.ledger.network_id!r}")
         state, effects = machine.respond(msg, self.identity.public)
-        try:
-            self.start_channel(state, effects)
-        except PaychanError as exc:
-            log.info("open proposal: %s", exc)
+        # Not waited for: this runs on a transport's thread, which must not block.
+        self.supervisor.start_new(state.channel_id, Start(state, effects, None))
+        return None
 
     # -- ledger ----------------------------------------------------------------------------
     def on_ledger_event(self, event: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from paychan.actors.loopback import LoopbackNetwork
+from paychan.protocol.errors import PaychanError
 from paychan.storage.env import Store
 from paychan.storage.keys import pack, unpack
 from paychan.storage.writer import Put
@@ -15,7 +16,7 @@ log = logging.getLogger("paychan.transport")
 PEERS = "peers"
 
 # deliver(envelope, route): `route` is how to answer the sender (e.g. {"via": "http", "url": ...})
-Deliver = Callable[[bytes, dict[str, Any] | None], None]
+Deliver = Callable[[bytes, dict[str, Any] | None], "PaychanError | None"]
 
 
 class Transport(Protocol):
@@ -39,7 +40,7 @@ class LoopbackTransport:
         self.address = address
 
     def start(self, deliver: Deliver) -> None:
-        self.network.attach(self.address, lambda envelope: deliver(envelope, None))
+        self.network.attach(self.address, lambda envelope: _ignore(deliver(envelope, None)))
 
     def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool:
         return (route is None or route.get("via") == "loopback") and self.network.is_attached(peer)
@@ -70,3 +71,7 @@ class Routes:
         self._cache[peer] = route
         self.store.writer.submit([Put(PEERS, peer, pack(route))])
         log.info("route to %s: %s", peer.hex()[:12], route)
+
+
+def _ignore(result: object) -> None:
+    """Loopback has nobody to answer: refusals are already logged by the node."""
