@@ -1,6 +1,7 @@
 """Peer messages, vouchers and channel parameters: frozen dataclasses, strict msgpack codec."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ MAX_FRAME = 2 * MAX_BODY + 4096
 MAX_ID_LEN = 64
 MAX_ASSET_LEN = 32
 MAX_DISPUTE_PERIOD = 10 * 365 * 24 * 3600
+MAX_DEPTH = 128  # nesting levels of a message or response
 
 
 def _bytes(v: Any, n: int, what: str) -> bytes:
@@ -44,8 +46,34 @@ def _text(v: Any, what: str, max_len: int, min_len: int = 1) -> str:
     return v
 
 
+_WALKED = (list, tuple, dict, msgpack.ExtType, msgpack.Timestamp)
+
+
+def _check_tree(value: Any, what: str, max_depth: int | None = MAX_DEPTH) -> None:
+    """Refuse what a strict decoder refuses (map keys other than str or bytes, extension types)
+    and, with `max_depth`, nesting deeper than that (it breaks ==, repr and json downstream)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (msgpack.ExtType, msgpack.Timestamp)):
+            raise DecodeError(f"{what}: msgpack extension types are not allowed")
+        if max_depth is not None and depth >= max_depth:
+            raise DecodeError(f"{what} nests deeper than {max_depth} levels")
+        if isinstance(v, dict):
+            if not all(isinstance(k, (str, bytes)) for k in v):
+                raise DecodeError(f"{what}: map keys must be strings or bytes")
+            items: Any = v.values()
+        else:
+            items = v
+        stack.extend((x, depth + 1) for x in items if isinstance(x, _WALKED))
+
+
 def body_size(value: Any) -> int:
-    """Encoded size of an application value; DecodeError when msgpack cannot carry it."""
+    """Encoded size of an application value; DecodeError when msgpack cannot carry it or the
+    peer's strict decoder would refuse it (so nothing is signed for a request that cannot
+    arrive)."""
+    if isinstance(value, _WALKED):
+        _check_tree(value, "value")
     try:
         return len(msgpack.packb(value, use_bin_type=True))
     except (TypeError, ValueError, OverflowError) as exc:
@@ -338,19 +366,31 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError("msgpack extension types are not allowed")
 
 
+# msgpack decodes extension type -1 (a timestamp) itself, without calling ext_hook. These are
+# the headers that can start one (fixext 4/8, ext 8/16/32 of length 4, 8 or 12); only frames
+# holding such bytes are searched for Timestamp objects.
+_TIMESTAMP_HEADER = re.compile(
+    rb"[\xd6\xd7]\xff|\xc7[\x04\x08\x0c]\xff|\xc8\x00[\x04\x08\x0c]\xff"
+    rb"|\xc9\x00\x00\x00[\x04\x08\x0c]\xff")
+
+
 def unpack(data: Any, max_size: int = MAX_FRAME) -> Any:
     """Strict msgpack decoding with size limits; only DecodeError escapes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("expected bytes")
     if len(data) > max_size:
         raise DecodeError(f"frame of {len(data)} bytes exceeds {max_size}")
+    raw = bytes(data)
     try:
-        return msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, ext_hook=_no_ext,
-                               use_list=True)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                              use_list=True)
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises a zoo of types; all of them mean "malformed"
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from None
+    if _TIMESTAMP_HEADER.search(raw):
+        _check_tree(obj, "frame", max_depth=None)
+    return obj
 
 
 def decode(data: Any) -> Msg:

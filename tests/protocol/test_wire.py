@@ -13,6 +13,7 @@ from paychan.protocol.identity import DOMAIN_VOUCHER, Identity
 from paychan.protocol.wire import (
     MAX_ASSET_LEN,
     MAX_BODY,
+    MAX_DEPTH,
     MAX_DISPUTE_PERIOD,
     MAX_FRAME,
     MAX_ID_LEN,
@@ -31,6 +32,7 @@ from paychan.protocol.wire import (
     PayResult,
     Sync,
     Voucher,
+    body_size,
     check_body,
     decode,
     encode,
@@ -195,6 +197,7 @@ def test_byte_mutations_raise_only_decode_error(msg: Msg, data: st.DataObject) -
 hostile = st.one_of(
     bodies,
     st.builds(msgpack.ExtType, st.integers(min_value=0, max_value=127), st.binary(max_size=8)),
+    st.builds(msgpack.Timestamp, st.integers(min_value=0, max_value=2**34 - 1)),
     st.floats(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
     st.lists(st.binary(min_size=32, max_size=32), max_size=6),
     st.integers(min_value=1, max_value=3000).map(lambda n: _nest(n, 0)),
@@ -313,6 +316,12 @@ EXT_BLOBS = {
     "ext42": pack(msgpack.ExtType(42, b"abc")),
     "ext-5": b"\xd4\xfb\x78",             # negative (reserved) type codes, written by hand
     "ext-128": b"\xc7\x02\x80ab",
+    "timestamp32": pack(msgpack.Timestamp(1, 0)),
+    "timestamp64": pack(msgpack.Timestamp(2**33, 5)),
+    "timestamp96": pack(msgpack.Timestamp(-(2**40), 0)),
+    "timestamp-ext8": b"\xc7\x04\xff" + bytes(4),
+    "timestamp-ext16": b"\xc8\x00\x08\xff" + bytes(8),
+    "timestamp-ext32": b"\xc9\x00\x00\x00\x0c\xff" + bytes(12),
     "bad-timestamp": b"\xd5\xff\x00\x00",
 }
 
@@ -339,7 +348,7 @@ def test_the_body_splicing_helper_builds_what_it_says() -> None:
                                                                            {"k": [1, "x"]})
 
 
-@pytest.mark.parametrize("depth", [10, 600, 1500, 100_000])
+@pytest.mark.parametrize("depth", [10, 600, 1000, 1500, 100_000])
 def test_deep_nesting_is_a_decode_error_or_a_message(depth: int) -> None:
     raw = raw_map(Message(bytes(32), None))
     prefix = pack({k: v for k, v in raw.items() if k != "body"})
@@ -419,6 +428,52 @@ def test_the_largest_pay_result_fits_in_a_frame() -> None:
 def test_a_body_msgpack_cannot_carry_is_rejected(value: Any) -> None:
     with pytest.raises(DecodeError):
         Message(bytes(32), value)
+
+
+# A body the peer's strict decoder would refuse must be refused when the message is built:
+# otherwise a payer signs a voucher for a request that can never be delivered.
+@pytest.mark.parametrize("value", [
+    {1: "a"}, {None: 1}, {True: 1}, {1.5: 1}, {(1, 2): 3}, [{"ok": {7: 1}}],
+    msgpack.ExtType(1, b"x"), msgpack.Timestamp(5), [msgpack.Timestamp(5)],
+    _nest(MAX_DEPTH + 1, None), {"k": _nest(MAX_DEPTH, 1)},
+], ids=["int-key", "none-key", "bool-key", "float-key", "tuple-key", "nested-int-key", "ext",
+        "timestamp", "nested-timestamp", "too-deep", "too-deep-in-map"])
+def test_a_body_the_peer_could_not_decode_is_rejected(value: Any) -> None:
+    with pytest.raises(DecodeError) as exc:
+        Message(bytes(32), value)
+    assert (exc.value.code, exc.value.detail) == (3, 1005)
+    with pytest.raises(DecodeError):
+        body_size(value)
+    with pytest.raises(DecodeError):
+        Pay(bytes(32), "p", Voucher(bytes(32), 1, 1, 1, bytes(64)), 1, value)
+
+
+def test_bodies_nest_up_to_max_depth() -> None:
+    deep = _nest(MAX_DEPTH, None)
+    msg = Message(bytes(32), {"k": _nest(MAX_DEPTH - 1, 1)})
+    assert decode(encode(msg)) == msg
+    assert decode(encode(Message(bytes(32), deep))) == Message(bytes(32), deep)
+
+
+loose_bodies = st.recursive(
+    st.one_of(scalars, st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=4)),
+              st.builds(msgpack.Timestamp, st.integers(0, 2**32))),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.tuples(inner, inner),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.binary(max_size=4), st.integers(),
+                                  st.none(), st.booleans(), st.tuples(st.integers())),
+                        inner, max_size=3)),
+    max_leaves=10)
+
+
+@given(loose_bodies)
+def test_whatever_a_constructor_accepts_the_peer_decodes(body: Any) -> None:
+    try:
+        msg = Message(bytes(32), body)
+    except DecodeError:
+        return
+    back = decode(encode(msg))
+    assert encode(back) == encode(msg)
 
 
 @pytest.mark.parametrize("error", [
