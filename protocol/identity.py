@@ -93,11 +93,19 @@ class Identity:
         return self._key.sign(signing_bytes(domain, fields)).signature
 
 
+@lru_cache(maxsize=65536)  # ids are decoded on every API call; base58 is slow in Python
 def _encode(prefix: str, raw: bytes) -> str:
     return prefix + base58.b58encode_check(raw).decode("ascii")
 
 
 def _decode(prefix: str, text: Any, what: str) -> bytes:
+    if isinstance(text, str):
+        return _decode_text(prefix, text, what)
+    raise BrokenEncoding(f"{what} must be a string starting with {prefix!r}")
+
+
+@lru_cache(maxsize=65536)
+def _decode_text(prefix: str, text: str, what: str) -> bytes:
     if not isinstance(text, str) or not text.startswith(prefix):
         raise BrokenEncoding(f"{what} must be a string starting with {prefix!r}")
     try:
