@@ -208,6 +208,8 @@ class Node:
         settled = lambda s: s.period > start.period  # noqa: E731
         if mutual and start.ledger_close is None:
             try:
+                # Payments still in flight would change the figures: let them finish first.
+                self._core.wait_for(cid, lambda s: not s.outgoing, mutual_timeout)
                 self._core.ask(cid, machine.ActionCloseMutual())
                 self._core.wait_for(cid, settled, mutual_timeout)
                 return {"period": start.period, "mutual": True}
