@@ -128,6 +128,13 @@ class ChannelState:
         """What the peer has paid us and not yet used on a request."""
         return self.peer_sent - self.credit_used
 
+    @property
+    def spendable(self) -> int:
+        """What we may pay out now: our balance less what we may still have to refund, that is
+        the peer's credit (the calls it pays for have not arrived yet) and the calls we are
+        serving (a failing handler refunds them)."""
+        return self.my_balance - self.credit - sum(amount for _, amount in self.serving)
+
     def sent_pair(self, mine: int, peers: int) -> tuple[int, int]:
         """(sent_initiator, sent_responder) from my and the peer's figures."""
         return (mine, peers) if self.is_initiator else (peers, mine)
@@ -444,8 +451,10 @@ def _pay(s: ChannelState, a: ActionPay, now: int, key: Identity) -> tuple[Channe
     for o in s.outgoing:
         if o.payment_id == a.payment_id:  # a retry: the same voucher again
             return s, [Send(Pay(s.channel_id, o.payment_id, o.voucher, o.amount, o.message))]
-    if a.amount > s.my_balance:
-        raise InsufficientBalance(f"amount {a.amount} exceeds the balance {s.my_balance}")
+    if a.amount > s.spendable:
+        raise InsufficientBalance(
+            f"amount {a.amount} exceeds what can be spent: {s.spendable} of the balance "
+            f"{s.my_balance} (the rest may have to be refunded)")
     v = Voucher.create(key, s.channel_id, s.period, s.my_nonce + 1, s.my_sent + a.amount)
     out = OutPay(a.payment_id, a.amount, v, a.message)
     s2 = replace(s, my_voucher=v, outgoing=(*s.outgoing, out))
@@ -465,7 +474,8 @@ def _receive_pay(s: ChannelState, r: ReceivePay, now: int,
     if s.phase is Phase.AWAITING_FUNDING:
         return _postpone(s, m, "the channel is not funded yet")
     if s.phase is not Phase.OPEN or s.mutual is not None:
-        return s, _refuse_pay(s, m, NotAllowedAtState(f"the channel is {s.phase.value}"), False)
+        return s, [*_refuse_pay(s, m, NotAllowedAtState(f"the channel is {s.phase.value}"),
+                                False), *_fraud_evidence(s, m.voucher)]
     v = m.voucher
     why = _check_peer_voucher(s, v)
     if why is not None:
@@ -544,8 +554,20 @@ def _receive_pay_result(s: ChannelState, r: ReceivePayResult, now: int,
             refunded = True
         else:
             effects.append(InvalidInput(why))
+        effects += _fraud_evidence(s, m.refund)
     effects.append(NotifyPayOutcome(m.payment_id, None, m.error, refunded))
     return s, effects
+
+
+def _fraud_evidence(s: ChannelState, v: Voucher | None) -> Effects:
+    """The fraud proof when `v`, a voucher of the peer, shows that its solo close on the ledger
+    declared less than it signed. The watcher looks when the close appears (_ledger_close_seen),
+    but the proof may also arrive later, in any message, until the period is settled."""
+    c = s.ledger_close
+    if (v is None or c is None or c.closer != s.peer or v.sent <= c.declared_sent_closer
+            or v.channel_id != s.channel_id or v.period != s.period or not v.verify(s.peer)):
+        return []
+    return [SubmitFraudProof(s.period, v)]
 
 
 def _take_voucher(s: ChannelState, v: Voucher | None) -> ChannelState:
@@ -572,11 +594,23 @@ def _receive_sync(s: ChannelState, r: ReceiveSync, now: int,
     effects: Effects = []
     if m.channel_id == s.channel_id and m.period == s.period:
         s = _take_voucher(s, m.mine)
+        effects += _fraud_evidence(s, m.mine)
         mine = m.yours
         if (mine is not None and mine.channel_id == s.channel_id and mine.period == s.period
-                and mine.nonce > s.my_nonce and mine.sent >= s.my_sent and mine.verify(s.me)):
-            # We were restored from an old copy: the peer holds a newer voucher of ours.
-            s = replace(s, my_voucher=mine)
+                and (mine.nonce > s.my_nonce or mine.sent > s.my_sent) and mine.verify(s.me)):
+            # We were restored from an old copy: the peer holds a voucher of ours we forgot.
+            # What we declare must cover everything we ever signed.
+            if mine.nonce > s.my_nonce and mine.sent >= s.my_sent:
+                s = replace(s, my_voucher=mine)
+            elif s.phase is Phase.OPEN and s.mutual is None:
+                # Since the restore we signed a lower voucher with the same nonce: supersede
+                # both with a fresh one above either nonce.
+                nonce, sent = max(mine.nonce, s.my_nonce), max(mine.sent, s.my_sent)
+                fresh = Voucher.create(key, s.channel_id, s.period, nonce + 1, sent)
+                s = replace(s, my_voucher=fresh)
+                effects.append(Send(Sync(s.channel_id, s.period, fresh, s.peer_voucher, False)))
+            else:
+                s = replace(s, my_voucher=mine)  # closing: sign nothing, declare the higher
             effects.append(NotifyEvent("own_voucher_recovered", {"nonce": mine.nonce,
                                                                   "sent": mine.sent}))
     if m.reply:
@@ -602,10 +636,23 @@ def _receive_message(s: ChannelState, r: ReceiveMessage, now: int,
     return s, [NotifyEvent("message", {"body": r.msg.body})]
 
 
+def _calls_in_progress(s: ChannelState) -> str:
+    """Why the figures of a mutual close could still charge for a call that is not finished:
+    our payments awaiting answers, calls we serve, or credit for calls not yet arrived."""
+    if s.outgoing:
+        return f"{len(s.outgoing)} payments are awaiting answers"
+    if s.serving:
+        return f"{len(s.serving)} calls are being served"
+    if s.credit:
+        return f"{s.credit} paid by the peer awaits calls not yet arrived"
+    return ""
+
+
 def _close_mutual(s: ChannelState, a: ActionCloseMutual, now: int,
                   key: Identity) -> tuple[ChannelState, Effects]:
-    if s.outgoing:
-        raise NotAllowedAtState("payments are in flight; close when they have finished")
+    busy = _calls_in_progress(s)
+    if busy:
+        raise NotAllowedAtState(f"{busy}; close when they have finished")
     if s.mutual is not None:  # asked again: propose the same figures again
         m = s.mutual
         return s, [Send(CloseProposal(s.channel_id, s.period, m.sent_initiator,
@@ -629,6 +676,10 @@ def _receive_close_proposal(s: ChannelState, r: ReceiveCloseProposal, now: int,
     if not verify_close(s.peer, s.channel_id, m.period, m.sent_initiator, m.sent_responder,
                         m.sig):
         return s, _error_reply(s, BadSignature("close proposal is not signed by the peer"))
+    busy = _calls_in_progress(s)
+    if busy and s.mutual is None:
+        # Not the peer's fault: it proposes again once the calls finish (and a sync resends).
+        return s, [Send(ErrorMsg(s.channel_id, Conflict(f"not yet: {busy}").to_wire()))]
     mine, peers = ((m.sent_initiator, m.sent_responder) if s.is_initiator
                    else (m.sent_responder, m.sent_initiator))
     proposed_me = s.deposit_me - mine + peers
