@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from paychan.actors.http_transport import HttpTransport
 from paychan.actors.ledger import EmbeddedLedger
 from paychan.actors.node import NodeCore, Payment
 from paychan.protocol import channel as machine
+from paychan.protocol import errors
 from paychan.protocol.channel import Phase
 from paychan.protocol.errors import (
     InsufficientBalance,
@@ -47,8 +49,10 @@ class Ledger:
 
     @classmethod
     def connect(cls, url: str) -> Ledger:
-        raise NotAllowedAtState("remote ledgers need `paychan ledger serve`, which is not built "
-                                "yet; use Ledger.embedded()")
+        """A ledger served by `paychan ledger serve` at `url` (http://host:port); the same
+        methods, over HTTP. Raises LedgerUnreachable when nothing answers there."""
+        from paychan.actors.ledger_client import RemoteLedger
+        return cls(RemoteLedger(url))  # type: ignore[arg-type]  # same methods, duck-typed
 
     def mint(self, address: str, amount: int, asset: str = "base") -> int:
         """Dev faucet: create `amount` of `asset` in `address`'s ledger account."""
@@ -207,14 +211,22 @@ class Node:
         start = self._core.state(cid)
         settled = lambda s: s.period > start.period  # noqa: E731
         if mutual and start.ledger_close is None:
-            try:
-                # Payments still in flight would change the figures: let them finish first.
-                self._core.wait_for(cid, lambda s: not s.outgoing, mutual_timeout)
-                self._core.ask(cid, machine.ActionCloseMutual())
-                self._core.wait_for(cid, settled, mutual_timeout)
-                return {"period": start.period, "mutual": True}
-            except PaychanError as exc:
-                self._core_log(f"mutual close did not finish ({exc}); closing solo")
+            deadline = time.monotonic() + mutual_timeout
+            reason: PaychanError | None = None
+            while time.monotonic() < deadline:
+                try:
+                    # Refused while calls are in progress on our side; the peer likewise
+                    # answers "not yet". Asking again re-sends the proposal.
+                    self._core.ask(cid, machine.ActionCloseMutual())
+                    self._core.wait_for(cid, settled, min(1.0, deadline - time.monotonic()))
+                    return {"period": start.period, "mutual": True}
+                except errors.Timeout as exc:
+                    reason = exc
+                except NotAllowedAtState as exc:
+                    reason = exc
+                    self._core.sync(cid)  # resend what the peer may lack, then ask again
+                    time.sleep(0.1)
+            self._core_log(f"mutual close did not finish ({reason}); closing solo")
         now = self._core.state(cid)
         if now.ledger_close is None and now.period == start.period:
             self._core.ask(cid, machine.ActionCloseSolo())

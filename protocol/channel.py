@@ -650,13 +650,13 @@ def _calls_in_progress(s: ChannelState) -> str:
 
 def _close_mutual(s: ChannelState, a: ActionCloseMutual, now: int,
                   key: Identity) -> tuple[ChannelState, Effects]:
-    busy = _calls_in_progress(s)
-    if busy:
-        raise NotAllowedAtState(f"{busy}; close when they have finished")
     if s.mutual is not None:  # asked again: propose the same figures again
         m = s.mutual
         return s, [Send(CloseProposal(s.channel_id, s.period, m.sent_initiator,
                                       m.sent_responder, m.my_sig))]
+    busy = _calls_in_progress(s)
+    if busy:
+        raise NotAllowedAtState(f"{busy}; close when they have finished")
     si, sr = s.sent_pair(s.my_sent, s.peer_sent)
     sig = sign_close(key, s.channel_id, s.period, si, sr)
     s2 = replace(s, phase=Phase.CLOSING, mutual=MutualClose(si, sr, sig))
