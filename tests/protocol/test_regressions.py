@@ -1,0 +1,165 @@
+"""Failures the stateful fuzz test (test_fuzz_channel.py) found, replayed as explicit steps.
+
+Each test names the rule that broke and repeats hypothesis's minimal example step by step
+(the fuzz rule each step came from is in the comment) over `Pair`: two real state machines, the
+wire codec between them, and the settlement contract as ledger.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from paychan.protocol import channel, contract, wire
+from paychan.protocol.channel import (
+    ActionDeposit,
+    ActionHandlerDone,
+    ActionPay,
+    ActionSync,
+    ChannelState,
+    LedgerUpdate,
+    Send,
+    SubmitCloseMutual,
+    SubmitCloseSolo,
+    SubmitConfirm,
+    SubmitCreate,
+    SubmitDeposit,
+    SubmitFraudProof,
+)
+from paychan.protocol.contract import ChannelRecord, Payouts
+from paychan.protocol.errors import HandlerError, InsufficientBalance, PaychanError
+from paychan.protocol.identity import Identity
+from paychan.protocol.wire import ChannelParams, Pay
+
+FAILED = HandlerError("the handler failed").to_wire()
+EVENTS = {SubmitCreate: "create", SubmitDeposit: "deposit", SubmitCloseMutual: "close_mutual",
+          SubmitCloseSolo: "close_solo", SubmitConfirm: "confirm",
+          SubmitFraudProof: "fraud_proof"}
+
+
+class Pair:
+    """A (initiator) and B over the codec, the contract as ledger, confirms held as tasks."""
+
+    def __init__(self, dep_a: int, dep_b: int = 0, dispute: int = 1) -> None:
+        self.keys = {"A": Identity(b"\x0a" * 32), "B": Identity(b"\x0b" * 32)}
+        params = ChannelParams(self.keys["A"].public, self.keys["B"].public, "base", dispute,
+                               b"\x00" * 32, "fuzz")
+        self.now = 0
+        self.record: ChannelRecord | None = None
+        self.events: list[str] = []
+        self.paid = {"A": 0, "B": 0}
+        self.in_flight: list[tuple[str, bytes]] = []  # (recipient, bytes), in sending order
+        self.results: dict[str, dict[str, Any]] = {"A": {}, "B": {}}
+        self.tasks: dict[str, list[SubmitConfirm]] = {"A": [], "B": []}
+        a, eff_a = channel.initiate(params, self.keys["A"].public, dep_a)
+        b, eff_b = channel.respond(wire.decode(wire.encode(eff_a[0].msg)),  # type: ignore[arg-type]
+                                   self.keys["B"].public)
+        self.states = {"A": a, "B": b}
+        self.act("A", channel.receive(wire.decode(wire.encode(eff_b[0].msg))))
+        if dep_b:
+            self.act("B", ActionDeposit(dep_b))
+
+    def state(self, name: str) -> ChannelState:
+        return self.states[name]
+
+    def public(self, name: str) -> bytes:
+        return self.keys[name].public
+
+    def act(self, name: str, inp: Any) -> list[Any]:
+        new, effects = channel.step(self.states[name], inp, self.now, self.keys[name])
+        self.states[name] = new
+        for eff in effects:
+            if isinstance(eff, Send):
+                self.in_flight.append(("B" if name == "A" else "A", wire.encode(eff.msg)))
+            elif isinstance(eff, channel.RecordResult):
+                self.results[name][eff.result.payment_id] = eff.result
+            elif isinstance(eff, SubmitConfirm):
+                self.tasks[name].append(eff)
+            elif isinstance(eff, (SubmitCreate, SubmitDeposit, SubmitCloseMutual,
+                                  SubmitCloseSolo, SubmitFraudProof)):
+                self.submit(name, eff)
+        return effects
+
+    def deliver(self, index: int = 0) -> list[Any]:
+        recipient, data = self.in_flight.pop(index)
+        msg = wire.decode(data)
+        known = self.results[recipient].get(msg.payment_id) if isinstance(msg, Pay) else None
+        return self.act(recipient, channel.receive(msg, known))
+
+    def submit(self, name: str, eff: Any) -> None:
+        """Apply a transaction; a refused one changes nothing."""
+        rec, sender = self.record, self.public(name)
+        payouts: Payouts = ()
+        try:
+            if isinstance(eff, SubmitCreate):
+                new = contract.create(eff.params, sender, eff.deposit)
+            else:
+                assert rec is not None
+                if isinstance(eff, SubmitDeposit):
+                    new = contract.deposit_(rec, sender, eff.amount)
+                elif isinstance(eff, SubmitCloseMutual):
+                    new, payouts = contract.close_mutual(
+                        rec, eff.period, eff.sent_initiator, eff.sent_responder,
+                        eff.sig_initiator, eff.sig_responder)
+                elif isinstance(eff, SubmitCloseSolo):
+                    new = contract.close_solo(rec, sender, eff.period, eff.declared_sent_self,
+                                              eff.peer_voucher, self.now)
+                elif isinstance(eff, SubmitConfirm):
+                    new, payouts = contract.confirm(rec, sender, eff.period,
+                                                    eff.additional_sent, self.now)
+                else:
+                    new, payouts = contract.fraud_proof(rec, sender, eff.period, eff.voucher)
+        except PaychanError:
+            return
+        self.ledger(new, EVENTS[type(eff)], payouts)
+
+    def ledger(self, new: ChannelRecord, event: str, payouts: Payouts = ()) -> None:
+        """A ledger change, seen by both parties."""
+        self.record = new
+        self.events.append(event)
+        for who, amount in payouts:
+            self.paid["A" if who == self.public("A") else "B"] += amount
+        for name in ("A", "B"):
+            self.act(name, LedgerUpdate(new, event, payouts))
+
+    def advance(self, seconds: int) -> None:
+        """Time passes; every confirm that is due lands."""
+        self.now += seconds
+        for name in ("A", "B"):
+            for task in [t for t in self.tasks[name] if t.not_before <= self.now]:
+                self.tasks[name].remove(task)
+                self.submit(name, task)
+
+
+def test_money_of_a_call_in_service_cannot_be_spent_and_its_refund_never_overdraws() -> None:
+    """B spent the 1 A paid for a call B was still serving; the call then failed and its
+    refund voucher took B's balance to -1 (InternalError: my balance -1 is negative)."""
+    pair = Pair(dep_a=1, dep_b=0)                      # open_channel(dep_a=1, dep_b=0)
+    pair.act("A", ActionPay("A1", 1, "call 1"))        # pay(name='A', amount=1)
+    pair.deliver()                                     # deliver: B serves A1
+    with pytest.raises(InsufficientBalance):           # pay(name='B', amount=1)
+        pair.act("B", ActionPay("B2", 1, "call 2"))
+    pair.act("B", ActionHandlerDone("A1", None, FAILED))  # answer(ok=False): B refunds
+    pair.deliver()
+    a, b = pair.state("A"), pair.state("B")
+    assert (a.my_balance, b.my_balance) == (1, 0)
+    assert (a.peer_sent, a.credit) == (1, 0)  # the refund is money back, not credit
+
+
+def test_fraud_evidence_that_arrives_after_the_close_is_used() -> None:
+    """A cheater closed alone declaring 0 while a sync carrying its voucher for 1 was on the
+    way; the honest peer took the voucher but only confirmed, and was paid 0 of the 1 it held
+    (honest B holds 1, was paid 0)."""
+    pair = Pair(dep_a=1, dep_b=0)                      # open_channel(dep_a=1, A cheats)
+    pair.act("A", ActionPay("A1", 0, "call 1"))        # pay(name='A', amount=0)
+    pair.act("A", ActionPay("A2", 1, "call 2"))        # pay(name='A', amount=1)
+    pair.in_flight.clear()                             # (neither payment arrives)
+    pair.act("A", ActionSync())                        # crash(name='A'): A syncs on restart
+    rec = pair.record
+    assert rec is not None                             # cheater_stale_close(cut=0):
+    pair.ledger(contract.close_solo(rec, pair.public("A"), 1, 0, None, pair.now), "close_solo")
+    assert pair.tasks["B"] and not pair.paid["B"]      # B holds nothing yet: it confirms
+    effects = pair.deliver(0)                          # deliver the sync: the voucher for 1
+    assert any(isinstance(e, SubmitFraudProof) for e in effects)
+    assert pair.events[-1] == "fraud_proof"
+    assert pair.paid == {"A": 0, "B": 1}
