@@ -9,6 +9,7 @@ import pytest
 from pair import DEFER, ChannelPair, Party
 
 from paychan.protocol.channel import (
+    MAX_POSTPONED,
     ActionCloseMutual,
     ActionCloseSolo,
     ActionDeposit,
@@ -721,6 +722,27 @@ def test_a_mutual_close_never_charges_for_a_call_whose_answer_is_lost() -> None:
     pair.a.inbox.clear()
     assert [o.payment_id for o in st(pair.a).outgoing] == ["a1"]
     close_mutual_when_possible(pair, pair.b)
+    assert "close_mutual" in pair.events
+    assert pair.paid == expected_payouts(pair)
+    assert_conserved(pair)
+
+
+def test_a_payment_refused_without_refund_costs_nothing_and_blocks_no_close() -> None:
+    """More pays than B may hold back overdraw the deposit B knows of, and the one over the
+    limit is turned away. Whatever A is told about it, A pays only for calls reported served,
+    and the credit that call's voucher carried must not keep a mutual close from landing."""
+    pair = ChannelPair(deposit_a=100).open()
+    pair.b.follow_ledger = False
+    pair.act(pair.a, ActionDeposit(1000))
+    for i in range(MAX_POSTPONED + 1):
+        pair.act(pair.a, ActionPay(f"p{i}", 101 if i == 0 else 1))
+    pair.flush()
+    assert len(st(pair.b).postponed) == MAX_POSTPONED  # the last one is turned away
+    pair.release_ledger(pair.b)
+    pair.flush()
+    pay(pair, pair.a, "after", 1)
+    assert pair.a.notified_outcomes()["after"].error is None
+    close_mutual_when_possible(pair, pair.a)
     assert "close_mutual" in pair.events
     assert pair.paid == expected_payouts(pair)
     assert_conserved(pair)
