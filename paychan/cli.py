@@ -16,13 +16,43 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the ledger and nodes here (default: a temporary folder)")
     from paychan import node_cli
     node_cli.add_parser(sub)
+    add_hub_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "hub":
+        return hub_serve(args)
     if args.command == "node":
         return node_cli.main(args)
     if args.command == "demo":
         from paychan.demo import main as demo_main
         return demo_main(args.calls, args.price, args.json, args.data)
     return 2
+
+
+def add_hub_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`paychan hub serve`: the encrypted-chat hub, a store-and-forward WebSocket relay."""
+    hub = sub.add_parser("hub", help="the encrypted-chat hub that relays envelopes")
+    verbs = hub.add_subparsers(dest="verb", required=True)
+    serve = verbs.add_parser("serve", help="relay sealed envelopes between nodes (GET /ws)")
+    serve.add_argument("--data", required=True, help="the hub's data folder (queued envelopes)")
+    serve.add_argument("--port", type=int, required=True, help="TCP port (0: any free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--url", action="append", default=[],
+                       help="another URL nodes dial this hub by, e.g. http://hub.example:9000 "
+                            "(repeatable); logins must be signed for one of the hub's URLs")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="envelopes kept per offline recipient (1024)")
+
+
+def hub_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; queued envelopes stay in --data for the next start."""
+    import asyncio
+    import logging
+
+    from paychan.actors.hub import serve
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.data, args.host, args.port, args.url, args.max_queue))
+    return 0
 
 
 if __name__ == "__main__":
