@@ -16,16 +16,51 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the ledger and nodes here (default: a temporary folder)")
     from paychan import node_cli
     node_cli.add_parser(sub)
+    add_ledger_parser(sub)
     add_hub_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "hub":
         return hub_serve(args)
+    if args.command == "ledger":
+        return ledger_main(args)
     if args.command == "node":
         return node_cli.main(args)
     if args.command == "demo":
         from paychan.demo import main as demo_main
         return demo_main(args.calls, args.price, args.json, args.data)
     return 2
+
+
+def add_ledger_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`paychan ledger serve`: the embedded ledger in its own process, over HTTP."""
+    ledger = sub.add_parser("ledger", help="run the settlement ledger as a server")
+    verbs = ledger.add_subparsers(dest="verb", required=True)
+    serve = verbs.add_parser("serve", help="serve a durable ledger over HTTP until SIGTERM")
+    serve.add_argument("--data", required=True, help="the ledger's data folder (LMDB)")
+    serve.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument("--virtual-clock", action="store_true",
+                       help="a clock that only POST /advance moves (tests and simulations)")
+    serve.add_argument("--network-id", default="paychan-dev",
+                       help="the network id channels must name (paychan-dev)")
+
+
+def ledger_main(args: argparse.Namespace) -> int:
+    import logging
+
+    from paychan.actors import ledger_server
+    from paychan.protocol.errors import PaychanError
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pykka logs every exception an actor returns to its caller, with a traceback, at INFO;
+    # a refused transaction is answered to its sender and is not news for the server's log.
+    logging.getLogger("pykka").setLevel(logging.WARNING)
+    try:
+        return ledger_server.run(args.data, args.host, args.port, args.virtual_clock,
+                                 args.network_id)
+    except PaychanError as exc:
+        print(f"paychan ledger serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def add_hub_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
