@@ -497,7 +497,9 @@ def _postpone(s: ChannelState, m: Pay, why: str) -> tuple[ChannelState, Effects]
     if any(p.payment_id == m.payment_id for p in s.postponed):
         return s, []
     if len(s.postponed) >= MAX_POSTPONED:
-        return s, _refuse_pay(s, m, InsufficientBalance(why), False)
+        # Dropped, not refused: a refusal would end the payer's wait while its voucher still
+        # counts. Unanswered, the payer's sync resends it once we can take it.
+        return s, []
     return replace(s, postponed=(*s.postponed, m)), []
 
 
