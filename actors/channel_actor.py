@@ -11,7 +11,7 @@ import pykka
 
 from paychan.protocol import channel as machine
 from paychan.protocol.channel import ChannelState, LedgerUpdate, ReceivePay
-from paychan.protocol.errors import NotFound, PaychanError
+from paychan.protocol.errors import InternalError, NotFound, PaychanError
 from paychan.protocol.identity import encode_channel_id
 from paychan.protocol.wire import PayResult, decode, encode
 from paychan.storage.keys import pack, unpack
@@ -105,6 +105,7 @@ class ChannelActor(pykka.ThreadingActor):
                                          {"channel": encode_channel_id(channel_id)})
         self.state: ChannelState | None = None
         self.height = 0
+        self._current: Cmd | Start | None = None  # the message being handled
 
     def on_start(self) -> None:
         # A (re)start always rebuilds from storage, never from another actor's memory.
@@ -113,12 +114,22 @@ class ChannelActor(pykka.ThreadingActor):
             self.state, self.height = record
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        # The supervisor counts the failure and forgets this actor before the caller hears of
+        # it, so the caller's next command already goes to a successor rebuilt from storage.
         self.core.supervisor.failed(self.channel_id, exception_value)
+        reply = self._current.reply if self._current is not None else None
+        if reply is not None and not reply.done():
+            err = exception_value if isinstance(exception_value, PaychanError) else (
+                InternalError(f"channel actor failed: {exception_value!r}; it restarts from "
+                              "storage"))
+            reply.set_exception(err)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Start):
+            self._current = message
             return self._start(message)
         if isinstance(message, Cmd):
+            self._current = message
             return self._handle(message)
         return None
 
@@ -160,10 +171,8 @@ class ChannelActor(pykka.ThreadingActor):
             if cmd.reply:
                 cmd.reply.set_exception(exc)
             return
-        except Exception as exc:
-            if cmd.reply:
-                cmd.reply.set_exception(exc)
-            raise  # the actor dies; the supervisor restarts it from storage
+        # Any other exception is a bug: the actor dies, on_failure answers the caller and the
+        # supervisor restarts the channel from storage.
         self._commit_and_emit(state, new, effects, height)
         if cmd.reply:
             cmd.reply.set_result(new)
