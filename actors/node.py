@@ -80,7 +80,8 @@ class NodeCore:
     def __init__(self, data_dir: str, ledger: LedgerClient,
                  network: LoopbackNetwork | None = None, max_live_channels: int = 256,
                  idle_seconds: float = 30.0, handler_threads: int = 8,
-                 transports: list[Transport] | None = None) -> None:
+                 transports: list[Transport | Callable[[NodeCore], Transport]] | None = None
+                 ) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.data_dir = data_dir
         self.store = Store.open(data_dir)
@@ -103,8 +104,10 @@ class NodeCore:
         self._dispatcher.start()
         self.routes = Routes(self.store)
         self.network = network or default_network()
+        # A factory builds its transport once the identity and store are here.
+        built = [t if hasattr(t, "send") else t(self) for t in (transports or [])]  # type: ignore[operator]
         self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public),
-                                            *(transports or [])]
+                                            *built]
         for transport in self.transports:
             info = getattr(transport, "info", None)
             if isinstance(info, dict):
@@ -129,6 +132,14 @@ class NodeCore:
     @property
     def address(self) -> str:
         return encode_address(self.identity.public)
+
+    def kv_secret(self, name: bytes, size: int = 16) -> bytes:
+        """A random secret kept in the store, the same across restarts (e.g. for pairing)."""
+        value = self.store.get(KV, name)
+        if value is None:
+            value = os.urandom(size)
+            self.store.writer.commit([Put(KV, name, value)])
+        return bytes(value)
 
     def ledger_now(self) -> int:
         return int(self.ledger.now())

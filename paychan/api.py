@@ -9,8 +9,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from paychan.actors.chat import ChatTransport, parse_pairing_code
 from paychan.actors.clock import VirtualClock, WallClock
 from paychan.actors.http_transport import HttpTransport
+from paychan.actors.hub import normalize_hub_url
 from paychan.actors.ledger import EmbeddedLedger
 from paychan.actors.node import NodeCore, Payment
 from paychan.protocol import channel as machine
@@ -98,9 +100,11 @@ class Node:
         that peers' certificates must chain to (default: the system's trust store)."""
         if isinstance(ledger, str):
             ledger = Ledger.connect(ledger)
-        if hub is not None:
-            raise NotAllowedAtState("the chat hub transport is not built yet")
         transports: list[Any] = [HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)]
+        if hub is not None:
+            # Last: the hub carries what no direct route can.
+            transports.append(lambda core: ChatTransport(
+                hub, core.identity, core.kv_secret(b"pairing_secret")))
         core = NodeCore(os.fspath(data_dir), ledger.client, max_live_channels=max_live_channels,
                         idle_seconds=idle_seconds, transports=transports)
         return cls(core)
@@ -112,7 +116,11 @@ class Node:
 
     @property
     def pairing_code(self) -> str:
-        raise NotAllowedAtState("pairing codes need a chat hub, which is not built yet")
+        """`ak_...@host:port#secret`: how a peer opens a channel to us through our hub."""
+        chat = self._core.transport("chat")
+        if not isinstance(chat, ChatTransport):
+            raise NotAllowedAtState("this node has no hub: open it with hub=URL")
+        return chat.pairing_code
 
     # -- application hooks ------------------------------------------------------------------
     def on_payment_received(self, handler: Callable[[Payment], Any]) -> None:
@@ -153,6 +161,17 @@ class Node:
             return peer._core.identity.public
         if isinstance(peer, str) and peer.startswith("ak_") and "@" not in peer:
             return decode_address(peer)
+        if isinstance(peer, str) and peer.startswith("ak_"):
+            key, hub_url, secret = parse_pairing_code(peer)
+            chat = self._core.transport("chat")
+            if not isinstance(chat, ChatTransport):
+                raise NotAllowedAtState("a pairing code needs this node to use a hub too")
+            if normalize_hub_url(hub_url) != normalize_hub_url(chat.hub_url):
+                raise NotAllowedAtState(f"the peer is on hub {hub_url}; this node uses "
+                                        f"{chat.hub_url}")
+            self._core.routes.learn(key, chat.route)
+            chat.introduce(key, secret)
+            return key
         if isinstance(peer, str) and peer.startswith(("http://", "https://")):
             http = self._core.transport("http")
             assert isinstance(http, HttpTransport)
