@@ -74,7 +74,10 @@ def pair(nodes: Nodes, ledger: paychan.Ledger) -> tuple[paychan.Node, paychan.No
 def channel(pair: tuple[paychan.Node, paychan.Node]) -> str:
     """An OPEN channel from A to B funded with DEPOSIT by A."""
     a, b = pair
-    return a.create_channel(b, DEPOSIT, dispute_period=60)
+    ch = a.create_channel(b, DEPOSIT, dispute_period=60)
+    # create_channel returns once A sees the funding; B follows the ledger on its own.
+    _wait_until(lambda: b.balances(ch)["deposited_by_peer"] == DEPOSIT, what="B to see funding")
+    return ch
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
