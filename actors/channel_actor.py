@@ -116,13 +116,28 @@ class ChannelActor(pykka.ThreadingActor):
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # The supervisor counts the failure and forgets this actor before the caller hears of
         # it, so the caller's next command already goes to a successor rebuilt from storage.
-        self.core.supervisor.failed(self.channel_id, exception_value)
+        self.core.supervisor.failed(self.channel_id, exception_value, self._drain())
         reply = self._current.reply if self._current is not None else None
         if reply is not None and not reply.done():
             err = exception_value if isinstance(exception_value, PaychanError) else (
                 InternalError(f"channel actor failed: {exception_value!r}; it restarts from "
                               "storage"))
             reply.set_exception(err)
+
+    def _drain(self) -> list[Cmd | Start]:
+        """What is still queued here. pykka would drop it with the failed actor (told messages
+        get no error), losing a caller's command, a peer's message or a ledger event."""
+        left: list[Cmd | Start] = []
+        others: list[Any] = []
+        while not self.actor_inbox.empty():  # this thread is the inbox's only reader
+            envelope = self.actor_inbox.get()
+            if isinstance(envelope.message, (Cmd, Start)):
+                left.append(envelope.message)
+            else:
+                others.append(envelope)
+        for envelope in others:  # a stop request: pykka answers it when the actor is gone
+            self.actor_inbox.put(envelope)
+        return left
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Start):

@@ -5,12 +5,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
 from paychan.actors.channel_actor import ChannelActor, Start
-from paychan.protocol.errors import NotAllowedAtState
+from paychan.protocol.errors import NotAllowedAtState, PaychanError
 from paychan.protocol.identity import encode_channel_id
 
 if TYPE_CHECKING:
@@ -90,9 +91,12 @@ class Supervisor:
         self._stopping[channel_id] = ref
         ref.stop(block=False)
 
-    def failed(self, channel_id: bytes, exc: Any) -> None:
-        """Called on the failing actor's thread (pykka on_failure)."""
+    def failed(self, channel_id: bytes, exc: Any, queued: Sequence[Any] = ()) -> None:
+        """Called on the failing actor's thread (pykka on_failure) with the messages it still
+        held: a successor rebuilt from storage takes them, in order, unless the channel is
+        now quarantined or the node is stopping, when their callers get the refusal."""
         now = time.monotonic()
+        refusal: PaychanError | None = None
         with self._lock:
             entry = self._live.get(channel_id)
             if entry is not None:
@@ -103,6 +107,23 @@ class Supervisor:
             quarantine = len(times) >= MAX_FAILURES and now - times[0] <= FAILURE_WINDOW
             if quarantine:
                 self.quarantined[channel_id] = repr(exc)
+            if queued:
+                try:
+                    if self._closed.is_set():
+                        raise NotAllowedAtState("the node is stopping")
+                    ref = self._ref(channel_id)  # under the lock: nothing overtakes them
+                    for message in queued:
+                        ref.tell(message)
+                except PaychanError as err:
+                    refusal = err
+                except pykka.ActorDeadError:
+                    refusal = NotAllowedAtState(f"channel {encode_channel_id(channel_id)} "
+                                                "cannot be restarted")
+        if refusal is not None:
+            for message in queued:
+                reply = getattr(message, "reply", None)
+                if reply is not None and not reply.done():
+                    reply.set_exception(refusal)
         cid = encode_channel_id(channel_id)
         if quarantine:
             log.error("%s quarantined after %d failures in %.0f s: %r", cid, MAX_FAILURES,

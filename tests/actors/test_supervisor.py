@@ -4,6 +4,7 @@ actor calls it, raising an exception that is not a PaychanError (a bug, not a re
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -178,3 +179,39 @@ def test_failures_spread_beyond_the_window_do_not_quarantine(pair, channel, faul
         with pytest.raises(PaychanError):
             a.send_message_and_pay(channel, i, 1, timeout=5.0)
     assert decode_channel_id(channel) in a._core.supervisor.quarantined
+
+
+def test_inputs_queued_behind_a_failure_are_not_lost(pair, channel, monkeypatch):
+    """Payments queued in the actor's mailbox when it fails go to its restarted successor."""
+    a, b = pair
+    real = channel_actor.machine.step
+    inside, release = threading.Event(), threading.Event()
+
+    def stall_then_fail(state: Any, inp: Any, now: int, key: Any) -> Any:
+        if type(inp).__name__ == "ActionPay" and inp.message == "boom":
+            inside.set()
+            release.wait(10)
+            raise Injected("injected failure with inputs queued behind it")
+        return real(state, inp, now, key)
+
+    monkeypatch.setattr(channel_actor.machine, "step", stall_then_fail)
+    cid = decode_channel_id(channel)
+    with ThreadPoolExecutor(4) as pool:
+        boom = pool.submit(a.send_message_and_pay, channel, "boom", 50, timeout=10.0)
+        assert inside.wait(5)
+        queued = [pool.submit(a.send_message_and_pay, channel, i, 1, timeout=5.0)
+                  for i in range(3)]
+        ref = a._core.supervisor._live[cid][0]
+        deadline = threading.Event()
+        for _ in range(500):
+            if ref.actor_inbox.qsize() >= 3:
+                break
+            deadline.wait(0.01)
+        assert ref.actor_inbox.qsize() >= 3
+        release.set()
+        with pytest.raises(PaychanError) as exc:
+            boom.result()
+        assert not isinstance(exc.value, Timeout)
+        assert sorted(f.result()[1] for f in queued) == [0, 1, 2]
+    assert a._core.supervisor.restarts == 1
+    assert agree(a, b, channel) == (3, 3)
