@@ -6,6 +6,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from paychan.storage.writer import Put
 log = logging.getLogger("paychan.node")
 
 KV = "kv"
+UNHEARD_KEPT = 256  # per event name, for a callback registered after the event
+_REPLAY: dict[str, Any] = {"event": "_replay"}  # wakes the dispatcher for a backlog
 _SEED = b"identity_seed"
 _HEIGHT = b"ledger_height"
 
@@ -90,6 +93,11 @@ class NodeCore:
         self.sealer = Sealer(self.identity)
         self.payment_handler: Callable[[Payment], Any] | None = None
         self.callbacks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        # Events no callback heard yet, newest kept, for the first callback registered later:
+        # the recovery below emits events before the application can register for them.
+        self._unheard: dict[str, deque[dict[str, Any]]] = {}
+        self._replays: list[tuple[Callable[[dict[str, Any]], None], list[dict[str, Any]]]] = []
+        self._callbacks_lock = threading.Lock()
         self.waiters: dict[tuple[bytes, str], Future[Any]] = {}
         self.running: set[tuple[bytes, str]] = set()
         self.changed = threading.Condition()
@@ -250,17 +258,43 @@ class NodeCore:
                  {k: v for k, v in info.items() if k != "body"})
         self._events.put(payload)
 
+    def add_callback(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        """The first callback of an event also hears the events of that name that nobody
+        heard before it was registered (at most UNHEARD_KEPT, the newest), oldest first."""
+        with self._callbacks_lock:
+            first = not self.callbacks.get(event)
+            self.callbacks.setdefault(event, []).append(callback)
+            backlog = list(self._unheard.pop(event, ())) if first else []
+            if backlog:
+                self._replays.append((callback, backlog))
+        if backlog:
+            self._events.put(_REPLAY)
+
     def _dispatch_events(self) -> None:
         # Application callbacks run here, never on an actor thread, so they may call the API.
         while True:
             item = self._events.get()
             if item is None:
                 return
-            for cb in list(self.callbacks.get(item["event"], ())):
-                try:
-                    cb(item)
-                except Exception:
-                    log.exception("event callback for %s failed", item["event"])
+            # Backlogs are older than `item`: taken in the same locked step, they go first.
+            with self._callbacks_lock:
+                replays, self._replays = self._replays, []
+                callbacks = [] if item is _REPLAY else list(self.callbacks.get(item["event"], ()))
+                if item is not _REPLAY and not callbacks:
+                    self._unheard.setdefault(item["event"], deque(maxlen=UNHEARD_KEPT)).append(
+                        item)
+            for callback, backlog in replays:
+                for old in backlog:
+                    self._call_back(callback, old)
+            for callback in callbacks:
+                self._call_back(callback, item)
+
+    @staticmethod
+    def _call_back(callback: Callable[[dict[str, Any]], None], item: dict[str, Any]) -> None:
+        try:
+            callback(item)
+        except Exception:
+            log.exception("event callback for %s failed", item["event"])
 
     # -- inbound ---------------------------------------------------------------------------
     def on_envelope(self, envelope: bytes,

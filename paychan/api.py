@@ -128,9 +128,12 @@ class Node:
         self._core.payment_handler = handler
 
     def on(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        """`callback(event_dict)` on the node's event thread. The first callback of an event
+        also hears what happened before it was registered, such as what the recovery in
+        `Node.open` found (a fraud proof, a close) while the node was down."""
         if event not in EVENTS:
             raise InvalidParams(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
-        self._core.callbacks.setdefault(event, []).append(callback)
+        self._core.add_callback(event, callback)
 
     # -- channels ---------------------------------------------------------------------------
     def create_channel(self, peer: Node | str, amount: int, asset: str = "base",
