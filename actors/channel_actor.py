@@ -173,6 +173,16 @@ class ChannelActor(pykka.ThreadingActor):
                     cmd.reply.set_result(state)
                 return  # replayed event we already applied
             height = max(height, event_height)
+        if isinstance(inp, machine.ActionPay):
+            done = outcome_of(self.core, self.channel_id, inp.payment_id)
+            if done is not None:
+                # A retry whose answer was committed after the caller looked for it: the machine
+                # no longer lists the payment as outgoing and would sign it again.
+                self.core.after_commit(self.channel_id, state, [machine.NotifyPayOutcome(
+                    inp.payment_id, done["response"], done["error"], bool(done.get("refunded")))])
+                if cmd.reply:
+                    cmd.reply.set_result(state)
+                return
         if isinstance(inp, ReceivePay) and inp.known_result is None:
             raw = self.core.store.get(RESULTS, payment_key(self.channel_id, inp.msg.payment_id))
             if raw is not None:
