@@ -24,6 +24,7 @@ from paychan.protocol.errors import (
     BrokenEncoding,
     InvalidParams,
     NotFound,
+    PaychanError,
     Rejected,
     from_wire,
 )
@@ -35,7 +36,10 @@ T = TypeVar("T")
 Listener = Callable[[dict[str, Any]], None]
 
 CONTENT_TYPE = "application/msgpack"
-NOW_TTL = 0.25  # seconds a reading of the ledger clock is reused; ticks refresh it at once
+NOW_TTL = 0.25  # seconds a virtual-clock reading holds while no stream brings its ticks
+WALL_TTL = 30.0  # seconds a wall-clock reading is extrapolated before it is read again
+NOW_TIMEOUT = 2.0  # a clock read on a caller's path (every channel step) waits no longer
+NOW_RETRY = 1.0  # after a failed clock read, the last reading stands this long untried
 MAX_FRAME = 1024 * 1024  # one event-stream frame; an event is a few hundred bytes
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 2.0  # event-stream reconnect backoff, seconds
 HEARTBEAT = 10.0  # WebSocket pings; a ledger that stops answering them is reconnected
@@ -60,6 +64,8 @@ class RemoteLedger:
         self._ticks: list[Callable[[int], None]] = []
         self._next = 0
         self._now: tuple[int, float] | None = None  # (ledger time, monotonic when read)
+        self._now_retry_at = 0.0
+        self._live = False  # the stream is connected and has ticked: later ticks will come
         self._closed = False
         # Owned by the loop thread only:
         self._stream: asyncio.Task[None] | None = None
@@ -82,6 +88,7 @@ class RemoteLedger:
             raise
         self.network_id: str = info["network_id"]
         self.virtual_clock: bool = bool(info["virtual_clock"])
+        self._saw_time(int(info["now"]))
 
     # -- plumbing --------------------------------------------------------------------------
     async def _open_session(self) -> None:
@@ -138,8 +145,9 @@ class RemoteLedger:
             raise from_wire(obj)
         return obj
 
-    def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
-        return self._run(self._request("GET", path, params=params, retry=True))
+    def _get(self, path: str, params: dict[str, str] | None = None,
+             timeout: float | None = None) -> Any:
+        return self._run(self._request("GET", path, params=params, retry=True), timeout)
 
     def _post(self, path: str, body: bytes, idempotent: bool = False) -> Any:
         return self._run(self._request("POST", path, body, retry=idempotent))
@@ -150,21 +158,41 @@ class RemoteLedger:
         return info
 
     def now(self) -> int:
-        """The ledger's clock, reused for NOW_TTL seconds; a tick from the stream or our own
-        `advance` refreshes it at once."""
+        """The ledger's clock, mostly without a round trip: every channel step asks for it.
+
+        A virtual clock's reading holds while the event stream is connected (each /advance
+        sends a tick, and our own `advance` answers with the time) and for NOW_TTL otherwise;
+        a wall clock's reading is extrapolated for WALL_TTL. While the ledger does not answer,
+        the last reading stands: payments are off-ledger and must go on without it, and the
+        ledger transactions that need it fail and are retried on their own."""
         with self._lock:
-            cached = self._now
-        if cached is not None and time.monotonic() - cached[1] < NOW_TTL:
-            return cached[0]
-        return self._saw_time(int(self._get("/now")["now"]))
+            reading = self._now
+        at = time.monotonic()
+        if reading is not None:
+            age = at - reading[1]
+            fresh = (self._live or age < NOW_TTL) if self.virtual_clock else age < WALL_TTL
+            if fresh or at < self._now_retry_at:
+                return self._estimate(reading, at)
+        try:
+            return self._saw_time(int(self._get("/now", timeout=NOW_TIMEOUT)["now"]))
+        except PaychanError:
+            if reading is None:
+                raise
+            self._now_retry_at = time.monotonic() + NOW_RETRY
+            return self._estimate(reading, time.monotonic())
+
+    def _estimate(self, reading: tuple[int, float], at: float) -> int:
+        value, read_at = reading
+        return value if self.virtual_clock else value + int(at - read_at)
 
     def _saw_time(self, now: int) -> int:
-        """Remember a clock reading; ledger time never goes back, so the latest reading wins."""
+        """Remember a clock reading. Ledger time never goes back, so an answer overtaken by
+        a later tick leaves the later reading in place."""
+        at = time.monotonic()
         with self._lock:
-            if self._now is not None and self._now[0] > now:
-                now = self._now[0]
-            self._now = (now, time.monotonic())
-        return now
+            if self._now is None or self._estimate(self._now, at) <= now:
+                self._now = (now, at)
+            return self._estimate(self._now, at)
 
     def submit(self, tx_bytes: bytes) -> dict[str, Any]:
         # Safe to resend: the ledger answers a known txid with its original event.
@@ -257,11 +285,13 @@ class RemoteLedger:
                             break
                 reason = "closed by the ledger"
             except asyncio.CancelledError:
+                self._live = False
                 raise
             except aiohttp.WSServerHandshakeError as exc:
                 reason = f"refused ({exc.status})"
             except Exception as exc:  # the ledger is away: try again, never give up
                 reason = f"{type(exc).__name__}: {exc}"
+            self._live = False
             log.info("event stream to %s lost (%s); reconnecting in %.1f s", self.url, reason,
                      delay)
             await asyncio.sleep(delay)
@@ -272,6 +302,7 @@ class RemoteLedger:
             frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
             if "tick" in frame:
                 now = self._saw_time(int(frame["tick"]))
+                self._live = True  # the ledger sends one on (re)connect, then one per move
                 self._queue.put(("tick", now))
                 return
             height = int(frame["height"])

@@ -50,6 +50,7 @@ MAX_PENDING = 4096  # frames waiting for one slow follower before it re-reads th
 MAX_ADVANCE = 10 * 365 * 24 * 3600  # one /advance; a bound so a typo cannot end the world
 CLOCK_FILE = "virtual_clock"  # the virtual clock's reading, so a restart never turns it back
 HEARTBEAT = 20.0  # seconds between WebSocket pings; a silent follower is dropped
+SHUTDOWN_TIMEOUT = 5.0  # seconds requests in progress get to finish at shutdown
 
 
 def pack(obj: Any) -> bytes:
@@ -97,6 +98,7 @@ class LedgerServer:
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: int | None = None
+        self._stopping = False
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -122,7 +124,8 @@ class LedgerServer:
         # The actor calls listeners on its own thread; hand each event to the loop at once.
         self._token = await self._call(self.ledger.subscribe, self._from_actor)
         self.ledger.on_tick(self._tick_from_clock)
-        self.runner = web.AppRunner(self.app(), access_log=None)
+        self.runner = web.AppRunner(self.app(), access_log=None,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
         await site.start()
@@ -131,6 +134,7 @@ class LedgerServer:
         self.port = sockets[0].getsockname()[1] if sockets else port
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._token is not None:
             await self._call(self.ledger.unsubscribe, self._token)
             self._token = None
@@ -139,8 +143,12 @@ class LedgerServer:
         self._pool.shutdown(wait=True)
 
     async def _close_sockets(self, _app: web.Application) -> None:
-        for ws in list(self._sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"ledger stopping")
+        closing = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"ledger stopping")
+                   for ws in list(self._sockets)]
+        if closing:
+            # A follower that never answers the close must not hold the shutdown up.
+            await asyncio.wait([asyncio.ensure_future(c) for c in closing],
+                               timeout=SHUTDOWN_TIMEOUT)
 
     def _from_actor(self, event: dict[str, Any]) -> None:
         assert self._loop is not None
@@ -273,6 +281,11 @@ class LedgerServer:
         # and heights drop the copy), never in neither.
         self._followers.add(follower)
         self._sockets.add(ws)
+        if self._stopping:  # it raced with shutdown, which closed the sockets it knew of
+            self._followers.discard(follower)
+            self._sockets.discard(ws)
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"ledger stopping")
+            return ws
         pump = asyncio.create_task(self._pump(ws, follower, last))
         reader = asyncio.create_task(_ignore_incoming(ws))
         try:
