@@ -204,16 +204,17 @@ def test_kill_during_mutual_close(tmp_path):
     root = tmp_path / "world"
     storm_then_kill(root, 0, 1.0)  # leaves payments in flight for the close to wait out
     resumed, kills = [], 0
-    for attempt in range(8):
+    hop = crash_child.CLOSE_HOP
+    for _ in range(8):
         child = Child(root, "close")
         resumed.append(child.wait_line("RESUME"))
-        if attempt < 4 and resumed[-1].split()[2] == "1":  # not settled yet: kill inside it
+        half_done = any(r.startswith("RESUME closing 1") for r in resumed)
+        if kills < 4 and resumed[-1].split()[2] == "1":  # not settled yet: kill inside it
             child.wait_line("CLOSING")
-            hop = crash_child.CLOSE_HOP
-            # First before the peer has the proposal, then around its co-signature.
-            time.sleep(rng.uniform(0.02, hop - 0.05) if attempt == 0 else
-                       rng.uniform(hop - 0.05, hop + 0.15) if attempt == 1 else
-                       rng.uniform(0.02, hop + 0.15))
+            # Before the peer has the proposal until a run has found the close half done;
+            # then around the peer's co-signature and its submission.
+            time.sleep(rng.uniform(0.05, hop - 0.05) if not half_done else
+                       rng.uniform(hop - 0.05, hop + 0.15))
             if child.alive():
                 child.kill()
                 kills += 1
