@@ -113,9 +113,9 @@ class NodeCore:
         self.routes = Routes(self.store)
         self.network = network or default_network()
         # A factory builds its transport once the identity and store are here.
-        built = [t if hasattr(t, "send") else t(self) for t in (transports or [])]  # type: ignore[operator]
-        self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public),
-                                            *built]
+        self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public)]
+        for item in transports or []:
+            self.transports.append(item(self) if callable(item) else item)
         for transport in self.transports:
             info = getattr(transport, "info", None)
             if isinstance(info, dict):
