@@ -83,15 +83,20 @@ class NodeCore:
     def __init__(self, data_dir: str, ledger: LedgerClient,
                  network: LoopbackNetwork | None = None, max_live_channels: int = 256,
                  idle_seconds: float = 30.0, handler_threads: int = 8,
-                 transports: list[Transport | Callable[[NodeCore], Transport]] | None = None
-                 ) -> None:
+                 transports: list[Transport | Callable[[NodeCore], Transport]] | None = None,
+                 payment_handler: Callable[[Payment], Any] | None = None,
+                 handler_grace: float = 5.0) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.data_dir = data_dir
+        self.handler_grace = handler_grace
         self.store = Store.open(data_dir)
         self.identity = self._load_identity()
         self.ledger = ledger
         self.sealer = Sealer(self.identity)
-        self.payment_handler: Callable[[Payment], Any] | None = None
+        self.payment_handler: Callable[[Payment], Any] | None = payment_handler
+        self.handler_set = threading.Event()
+        if payment_handler is not None:
+            self.handler_set.set()
         self.callbacks: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         # Events no callback heard yet, newest kept, for the first callback registered later:
         # the recovery below emits events before the application can register for them.
@@ -140,6 +145,10 @@ class NodeCore:
     @property
     def address(self) -> str:
         return encode_address(self.identity.public)
+
+    def set_handler(self, handler: Callable[[Payment], Any]) -> None:
+        self.payment_handler = handler
+        self.handler_set.set()
 
     def kv_secret(self, name: bytes, size: int = 16) -> bytes:
         """A random secret kept in the store, the same across restarts (e.g. for pairing)."""
@@ -235,6 +244,9 @@ class NodeCore:
 
     def _call_handler(self, cid: bytes, payment: Payment) -> None:
         response, error = None, None
+        # Calls resumed while the node is opening may come before the application has set
+        # its handler: wait a little rather than answer them with nothing.
+        self.handler_set.wait(self.handler_grace)
         try:
             if self.payment_handler is not None:
                 response = self.payment_handler(payment)

@@ -94,10 +94,13 @@ class Node:
     def open(cls, data_dir: str, ledger: Ledger | str, listen: str | None = None,
              hub: str | None = None, max_live_channels: int = 256,
              idle_seconds: float = 30.0, tls_cert: str | None = None,
-             tls_key: str | None = None, tls_ca: str | None = None) -> Node:
+             tls_key: str | None = None, tls_ca: str | None = None,
+             on_payment_received: Callable[[Payment], Any] | None = None) -> Node:
         """Open (or create) the node stored in `data_dir`. `listen` ("http(s)://host:port")
         accepts peers directly (https needs `tls_cert` and `tls_key`); `tls_ca` is the CA file
-        that peers' certificates must chain to (default: the system's trust store)."""
+        that peers' certificates must chain to (default: the system's trust store).
+        `on_payment_received` sets the handler before recovery resumes any call; set later,
+        resumed calls wait up to 5 s for it."""
         if isinstance(ledger, str):
             ledger = Ledger.connect(ledger)
         transports: list[Any] = [HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)]
@@ -106,7 +109,8 @@ class Node:
             transports.append(lambda core: ChatTransport(
                 hub, core.identity, core.kv_secret(b"pairing_secret")))
         core = NodeCore(os.fspath(data_dir), ledger.client, max_live_channels=max_live_channels,
-                        idle_seconds=idle_seconds, transports=transports)
+                        idle_seconds=idle_seconds, transports=transports,
+                        payment_handler=on_payment_received)
         return cls(core)
 
     # -- identity ---------------------------------------------------------------------------
@@ -125,7 +129,7 @@ class Node:
     # -- application hooks ------------------------------------------------------------------
     def on_payment_received(self, handler: Callable[[Payment], Any]) -> None:
         """`handler(p)`'s return value is the response; an exception refunds the payer."""
-        self._core.payment_handler = handler
+        self._core.set_handler(handler)
 
     def on(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
         """`callback(event_dict)` on the node's event thread. The first callback of an event

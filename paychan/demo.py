@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from paychan.actors.clock import VirtualClock
 from paychan.api import Ledger, Node, Payment
+from paychan.protocol.channel import Phase
 from paychan.protocol.errors import HandlerError
 from paychan.protocol.identity import decode_channel_id
 from paychan.protocol.tx import make_tx
@@ -72,6 +73,8 @@ class Demo:
         ch = client.create_channel(service, 3_000, dispute_period=600)
         cid = decode_channel_id(ch)
         self.say(f"   {ch}")
+        # The service learns of the funding from the ledger a moment after the client does.
+        service._core.wait_for(cid, lambda s: s.phase is Phase.OPEN, 10)
         self.check("channel open on both sides",
                    client.balances(ch)["status"] == "open"
                    and service.balances(ch)["status"] == "open")
