@@ -30,6 +30,15 @@ class Cmd:
     inp: Any
     reply: Future[Any] | None = None
     height: int = 0  # for a LedgerUpdate: the ledger height it comes from
+    errors_only: bool = False  # the reply future waits for something else; only fail it
+
+    def fail(self, exc: BaseException) -> None:
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(exc)
+
+    def succeed(self, value: Any) -> None:
+        if self.reply is not None and not self.errors_only and not self.reply.done():
+            self.reply.set_result(value)
 
 
 @dataclass
@@ -161,16 +170,14 @@ class ChannelActor(pykka.ThreadingActor):
     def _handle(self, cmd: Cmd) -> None:
         state = self.state
         if state is None:
-            if cmd.reply:
-                cmd.reply.set_exception(NotFound("no such channel"))
+            cmd.fail(NotFound("no such channel"))
             return
         inp = cmd.inp
         height = self.height
         if isinstance(inp, LedgerUpdate):
             event_height = cmd.height
             if event_height and event_height <= self.height:
-                if cmd.reply:
-                    cmd.reply.set_result(state)
+                cmd.succeed(state)
                 return  # replayed event we already applied
             height = max(height, event_height)
         if isinstance(inp, machine.ActionPay):
@@ -180,8 +187,7 @@ class ChannelActor(pykka.ThreadingActor):
                 # no longer lists the payment as outgoing and would sign it again.
                 self.core.after_commit(self.channel_id, state, [machine.NotifyPayOutcome(
                     inp.payment_id, done["response"], done["error"], bool(done.get("refunded")))])
-                if cmd.reply:
-                    cmd.reply.set_result(state)
+                cmd.succeed(state)
                 return
         if isinstance(inp, ReceivePay) and inp.known_result is None:
             raw = self.core.store.get(RESULTS, payment_key(self.channel_id, inp.msg.payment_id))
@@ -193,14 +199,12 @@ class ChannelActor(pykka.ThreadingActor):
             new, effects = machine.step(state, inp, self.core.ledger_now(), self.core.identity)
         except PaychanError as exc:
             self.log.debug("refused %s: %s", type(inp).__name__, exc)
-            if cmd.reply:
-                cmd.reply.set_exception(exc)
+            cmd.fail(exc)
             return
         # Any other exception is a bug: the actor dies, on_failure answers the caller and the
         # supervisor restarts the channel from storage.
         self._commit_and_emit(state, new, effects, height)
-        if cmd.reply:
-            cmd.reply.set_result(new)
+        cmd.succeed(new)
 
     def _commit_and_emit(self, old: ChannelState | None, new: ChannelState, effects: list[Any],
                          height: int) -> None:

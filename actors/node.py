@@ -89,6 +89,7 @@ class NodeCore:
         os.makedirs(data_dir, exist_ok=True)
         self.data_dir = data_dir
         self.handler_grace = handler_grace
+        self._peers: dict[bytes, bytes] = {}
         self.store = Store.open(data_dir)
         self.identity = self._load_identity()
         self.ledger = ledger
@@ -168,12 +169,22 @@ class NodeCore:
             raise NotFound(f"no channel {encode_channel_id(channel_id)} on this node")
         return record[0]
 
+    def _peer_of(self, channel_id: bytes) -> bytes | None:
+        """The channel's peer (fixed for its life), from memory after the first look."""
+        peer = self._peers.get(channel_id)
+        if peer is None:
+            record = load_record(self, channel_id)
+            if record is None:
+                return None
+            peer = self._peers[channel_id] = record[0].peer
+        return peer
+
     def channel_ids(self) -> list[bytes]:
         return [key for key, _ in self.store.iter_prefix(CHANNELS, b"")]
 
     def tell(self, channel_id: bytes, inp: Any, reply: Future[Any] | None = None,
-             height: int = 0) -> None:
-        self.supervisor.tell(channel_id, Cmd(inp, reply, height))
+             height: int = 0, errors_only: bool = False) -> None:
+        self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only))
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
         fut: Future[Any] = Future()
@@ -266,8 +277,9 @@ class NodeCore:
     # -- events for the application --------------------------------------------------------
     def emit_event(self, name: str, cid: bytes, info: dict[str, Any]) -> None:
         payload = {"event": name, "channel_id": encode_channel_id(cid), **info}
-        log.info("%s: %s %s", encode_channel_id(cid), name,
-                 {k: v for k, v in info.items() if k != "body"})
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: %s %s", encode_channel_id(cid), name,
+                     {k: v for k, v in info.items() if k != "body"})
         self._events.put(payload)
 
     def add_callback(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -321,8 +333,8 @@ class NodeCore:
             log.warning("envelope refused: %s", exc)
             return exc
         cid = msg.channel_id
-        record = load_record(self, cid)
-        if record is None:
+        peer = self._peer_of(cid)
+        if peer is None:
             if isinstance(msg, OpenPropose) and msg.params.initiator == sender:
                 if route is not None:
                     self.routes.learn(sender, route)
@@ -330,7 +342,7 @@ class NodeCore:
             log.warning("message %s for unknown channel %s", type(msg).__name__,
                         encode_channel_id(cid))
             return NotFound(f"no channel {encode_channel_id(cid)} here")
-        if record[0].peer != sender:
+        if peer != sender:
             log.warning("%s: message from a non-party refused", encode_channel_id(cid))
             return Unauthorized("the sender is not a party of this channel")
         if route is not None:
@@ -436,10 +448,10 @@ class NodeCore:
                 fut = self.waiters.get(key)
                 if fut is None:
                     fut = self.waiters[key] = Future()
-            accepted: Future[Any] = Future()
-            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), accepted)
+            # One future: a refusal of the pay fails it, the peer's answer completes it.
+            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
+                      errors_only=True)
             try:
-                accepted.result(timeout)
                 outcome = fut.result(timeout)
             except PaychanError:
                 self.waiters.pop(key, None)

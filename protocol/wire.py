@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
@@ -96,6 +96,8 @@ class ChannelParams:
     dispute_period: int
     salt: bytes
     network_id: str
+    # Derived once: the id is read many times per payment and hashing it each time shows.
+    _channel_id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _bytes(self.initiator, KEY_LEN, "initiator")
@@ -108,11 +110,13 @@ class ChannelParams:
             raise DecodeError("dispute_period is longer than ten years")
         _bytes(self.salt, KEY_LEN, "salt")
         _text(self.network_id, "network_id", 64)
+        object.__setattr__(self, "_channel_id", hash32(
+            "paychan/channel/v1", self.network_id, self.initiator, self.responder, self.asset,
+            self.salt))
 
     @property
     def channel_id(self) -> bytes:
-        return hash32("paychan/channel/v1", self.network_id, self.initiator, self.responder,
-                      self.asset, self.salt)
+        return self._channel_id
 
     def peer_of(self, me: bytes) -> bytes:
         if me == self.initiator:
