@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import threading
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import msgpack
 from aiohttp import web
 
 from paychan.actors.transport import Deliver
@@ -21,6 +23,7 @@ log = logging.getLogger("paychan.http")
 MAX_BODY = MAX_FRAME + 2048  # an envelope: the frame plus the Box's overhead
 MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
+MAX_STRIKES = 16  # refused frames before a socket is closed
 REPLY_TO = "X-Paychan-Reply-To"
 
 
@@ -54,6 +57,9 @@ class HttpTransport:
         self._queues: dict[bytes, asyncio.Queue[bytes]] = {}
         self._workers: dict[bytes, asyncio.Task[None]] = {}
         self._urls: dict[bytes, str] = {}
+        self._outbound: dict[bytes, aiohttp.ClientWebSocketResponse] = {}
+        self._inbound: dict[bytes, web.WebSocketResponse] = {}
+        self._gone: set[bytes] = set()
         self._limit: asyncio.Semaphore | None = None
         self.refused = 0
         self.bound_port: int | None = None
@@ -81,6 +87,7 @@ class HttpTransport:
             server_ssl.load_cert_chain(self.cert_file, self.key_file)
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/envelope", self._on_post)
+        app.router.add_get("/ws", self._on_ws)
         app.router.add_get("/info", self._on_info)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -106,6 +113,8 @@ class HttpTransport:
     async def _stop(self) -> None:
         for task in self._workers.values():
             task.cancel()
+        for ws in [*self._outbound.values(), *self._inbound.values()]:
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -114,6 +123,12 @@ class HttpTransport:
     # -- server ----------------------------------------------------------------------------
     async def _on_info(self, request: web.Request) -> web.Response:
         return web.json_response(self.info)
+
+    async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30)
+        await ws.prepare(request)
+        await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+        return ws
 
     async def _on_post(self, request: web.Request) -> web.Response:
         assert self._limit is not None
@@ -129,12 +144,8 @@ class HttpTransport:
             if not body or len(body) > MAX_BODY:
                 self.refused += 1
                 return _error(413 if body else 400, BrokenEncoding("empty or oversized body"))
-            reply_to = request.headers.get(REPLY_TO)
-            route = None
-            if reply_to and reply_to.startswith(("http://", "https://")) and len(reply_to) < 300:
-                route = {"via": "http", "url": reply_to.rstrip("/")}
             assert self._deliver is not None
-            refused = self._deliver(body, route)
+            refused = self._deliver(body, _route(request.headers.get(REPLY_TO)))
             if refused is not None:
                 self.refused += 1
                 return _error(401 if refused.code == 1 else 400, refused)
@@ -145,11 +156,12 @@ class HttpTransport:
         return route is not None and route.get("via") == "http"
 
     def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None:
-        assert route is not None
-        self._loop.call_soon_threadsafe(self._enqueue, peer, route["url"], envelope)
+        url = route.get("url") if route else None
+        self._loop.call_soon_threadsafe(self._enqueue, peer, url, envelope)
 
-    def _enqueue(self, peer: bytes, url: str, envelope: bytes) -> None:
-        self._urls[peer] = url
+    def _enqueue(self, peer: bytes, url: str | None, envelope: bytes) -> None:
+        if url:
+            self._urls[peer] = url
         queue = self._queues.get(peer)
         if queue is None:
             queue = self._queues[peer] = asyncio.Queue(MAX_QUEUED)
@@ -161,39 +173,67 @@ class HttpTransport:
             self._workers[peer] = self._loop.create_task(self._drain(peer))
 
     async def _drain(self, peer: bytes) -> None:
-        """Send a peer's queue in order; while it is away, retry with backoff."""
+        """Stream a peer's queue in order over one WebSocket; while the peer is away, retry
+        with backoff, and once it is back let the node sync what may have been lost."""
         queue = self._queues[peer]
-        delay, failed = 0.1, False
+        delay = 0.1
         while not queue.empty():
-            envelope = queue.get_nowait()
-            batch = [envelope]
-            while not queue.empty() and len(batch) < 32:
-                batch.append(queue.get_nowait())
-            while True:
-                try:
-                    await asyncio.gather(*(self._post(self._urls[peer], e) for e in batch))
-                    break
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    failed = True
-                    log.info("peer %s at %s unreachable (%s); retry in %.1f s",
-                             peer.hex()[:12], self._urls[peer], exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-            if failed and self.on_reconnect is not None:
-                failed, delay = False, 0.1
-                # Back after a gap: sync resends what the peer may have missed.
-                self.on_reconnect(peer)
+            try:
+                ws = await self._socket(peer)
+                while not queue.empty():
+                    await ws.send_bytes(queue.get_nowait())
+                delay = 0.1
+            except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
+                self._gone.add(peer)
+                log.info("peer %s at %s unreachable (%s); retry in %.1f s", peer.hex()[:12],
+                         self._urls.get(peer), exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if peer in self._gone and self.on_reconnect is not None:
+                self._gone.discard(peer)
+                self.on_reconnect(peer)  # back after a gap: sync resends what was missed
 
-    async def _post(self, url: str, envelope: bytes) -> None:
+    async def _socket(self, peer: bytes) -> aiohttp.ClientWebSocketResponse | web.WebSocketResponse:
+        """An open socket to `peer`: ours to its URL, else the one it opened to us."""
+        for ws in (self._outbound.get(peer), self._inbound.get(peer)):
+            if ws is not None and not ws.closed:
+                return ws
+        url = self._urls.get(peer)
+        if url is None:
+            raise aiohttp.ClientError("no URL for this peer and no socket from it")
         assert self._session is not None
-        headers = {"Content-Type": "application/octet-stream"}
-        if self.listen:
-            headers[REPLY_TO] = self.listen
-        async with self._session.post(url + "/envelope", data=envelope, headers=headers) as r:
-            if r.status >= 500:
-                raise aiohttp.ClientError(f"peer answered {r.status}")
-            if r.status >= 400:
-                log.warning("peer at %s refused an envelope: %s", url, await r.text())
+        headers = {REPLY_TO: self.listen} if self.listen else {}
+        ws_out = await self._session.ws_connect(url + "/ws", headers=headers, heartbeat=30,
+                                                max_msg_size=MAX_BODY)
+        self._outbound[peer] = ws_out
+        self._loop.create_task(self._read(ws_out, peer, None))
+        return ws_out
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+                    peer: bytes | None, route: dict[str, Any] | None) -> None:
+        """Hand every frame from a socket to the node; answer junk with an error frame."""
+        assert self._deliver is not None
+        strikes = 0
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.BINARY or len(frame.data) > MAX_BODY:
+                refused: PaychanError | None = BrokenEncoding("frames are binary envelopes")
+            else:
+                refused = self._deliver(frame.data, route)
+            if refused is None:
+                if peer is None:
+                    peer = _sender(frame.data)
+                    if peer is not None:
+                        self._inbound[peer] = ws  # the node opened it: the sender is real
+                continue
+            self.refused += 1
+            strikes += 1
+            await ws.send_str(json.dumps({"error": refused.to_wire()}))
+            if strikes >= MAX_STRIKES:
+                await ws.close(code=4002, message=b"too many refused frames")
+                break
+        if peer is not None:
+            self._gone.add(peer)
 
     def fetch_info(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
         """GET url/info from a caller's thread; clear errors for refused or untrusted peers."""
@@ -212,6 +252,21 @@ class HttpTransport:
             raise PeerUnreachable(f"{url}: TLS failed ({exc})") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {exc or type(exc).__name__}") from None
+
+
+def _route(reply_to: str | None) -> dict[str, Any]:
+    """How to answer a caller: its URL when it gave a sane one, else the socket it opened."""
+    if reply_to and reply_to.startswith(("http://", "https://")) and len(reply_to) < 300:
+        return {"via": "http", "url": reply_to.rstrip("/")}
+    return {"via": "http"}
+
+
+def _sender(envelope: bytes) -> bytes | None:
+    try:
+        obj = msgpack.unpackb(envelope, raw=False)
+        return bytes(obj[1]) if isinstance(obj, list) and len(obj) == 4 else None
+    except Exception:
+        return None
 
 
 def _error(status: int, err: PaychanError) -> web.Response:

@@ -192,3 +192,30 @@ def test_tls_context_verifies_by_default():
     from paychan.actors.http_transport import client_ssl
     ctx = client_ssl(None)
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+async def _ws_junk(url, frames):
+    answers = []
+    async with aiohttp.ClientSession() as s, s.ws_connect(url + "/ws") as ws:
+        for frame in frames:
+            if isinstance(frame, str):
+                await ws.send_str(frame)
+            else:
+                await ws.send_bytes(frame)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                answers.append(msg.data)
+        return answers, ws.close_code
+
+
+def test_junk_frames_on_the_stream_get_errors_then_the_socket_closes(pair):
+    a, b, _, url_b = pair
+    ch = a.create_channel(url_b, 100)
+    before = b.balances(ch)
+    frames = ["text is not an envelope", b"\x00garbage", b"", *[b"junk %d" % i for i in range(20)]]
+    answers, code = asyncio.run(_ws_junk(url_b, frames))
+    assert len(answers) == 16  # one error frame per refused frame, then the socket is closed
+    assert all('"code"' in answer for answer in answers)
+    assert code == 4002
+    assert b.balances(ch) == before
+    assert a.send_message_and_pay(ch, "after junk", 1) == ["b", "after junk"]
