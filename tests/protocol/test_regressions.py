@@ -12,6 +12,7 @@ import pytest
 
 from paychan.protocol import channel, contract, wire
 from paychan.protocol.channel import (
+    ActionCloseSolo,
     ActionDeposit,
     ActionHandlerDone,
     ActionPay,
@@ -163,3 +164,24 @@ def test_fraud_evidence_that_arrives_after_the_close_is_used() -> None:
     assert any(isinstance(e, SubmitFraudProof) for e in effects)
     assert pair.events[-1] == "fraud_proof"
     assert pair.paid == {"A": 0, "B": 1}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DESIGN §5 gives a solo closer no way to put on the ledger a voucher that reaches it after "
+    "its close: only the peer's confirm can admit it, and a peer may withhold or lowball it"))
+def test_a_solo_closer_is_paid_a_refund_that_reaches_it_after_its_close() -> None:
+    """Found as 'honest A holds 1, was paid 0': A paid 1 for a call that failed; the refund
+    was on its way when A closed alone; the peer never admitted it and the window ran out. A
+    held the refund voucher, but the contract only knew the voucher A showed at its close."""
+    pair = Pair(dep_a=1, dep_b=0)                      # open_channel(dep_a=1, B cheats)
+    pair.act("A", ActionPay("A1", 1, "call 1"))        # pay(name='A', amount=1)
+    pair.deliver()                                     # deliver: B serves A1
+    pair.act("B", ActionHandlerDone("A1", None, FAILED))  # answer(ok=False): refund on its way
+    pair.act("A", ActionCloseSolo())                   # close(name='A', solo=True)
+    pair.tasks["B"].clear()                            # cheater_withholds: no confirm from B
+    pair.deliver()                                     # deliver: the refund reaches A
+    assert pair.state("A").my_balance == 1
+    pair.advance(1)                                    # advance_time: A's confirm lands
+    assert pair.events[-1] == "confirm"
+    assert pair.paid["A"] >= 1
+
