@@ -602,6 +602,7 @@ def _receive_sync(s: ChannelState, r: ReceiveSync, now: int,
                 and (mine.nonce > s.my_nonce or mine.sent > s.my_sent) and mine.verify(s.me)):
             # We were restored from an old copy: the peer holds a voucher of ours we forgot.
             # What we declare must cover everything we ever signed.
+            before = s.my_voucher
             if mine.nonce > s.my_nonce and mine.sent >= s.my_sent:
                 s = replace(s, my_voucher=mine)
             elif s.phase is Phase.OPEN and s.mutual is None:
@@ -611,10 +612,13 @@ def _receive_sync(s: ChannelState, r: ReceiveSync, now: int,
                 fresh = Voucher.create(key, s.channel_id, s.period, nonce + 1, sent)
                 s = replace(s, my_voucher=fresh)
                 effects.append(Send(Sync(s.channel_id, s.period, fresh, s.peer_voucher, False)))
-            else:
+            elif mine.sent > s.my_sent:
                 s = replace(s, my_voucher=mine)  # closing: sign nothing, declare the higher
-            effects.append(NotifyEvent("own_voucher_recovered", {"nonce": mine.nonce,
-                                                                  "sent": mine.sent}))
+            # (Closing with a voucher of ours that covers more: keep it, the higher nonce of
+            # the peer's does not make it the one to declare.)
+            if s.my_voucher != before:
+                effects.append(NotifyEvent("own_voucher_recovered", {"nonce": mine.nonce,
+                                                                      "sent": mine.sent}))
     if m.reply:
         effects.append(Send(Sync(s.channel_id, s.period, s.my_voucher, s.peer_voucher, False)))
     effects += _resend_outgoing(s)

@@ -19,6 +19,7 @@ from paychan.protocol.channel import (
     ActionSync,
     ChannelState,
     LedgerUpdate,
+    Phase,
     Send,
     SubmitCloseMutual,
     SubmitCloseSolo,
@@ -30,7 +31,7 @@ from paychan.protocol.channel import (
 from paychan.protocol.contract import ChannelRecord, Payouts
 from paychan.protocol.errors import HandlerError, InsufficientBalance, PaychanError
 from paychan.protocol.identity import Identity
-from paychan.protocol.wire import ChannelParams, Pay
+from paychan.protocol.wire import ChannelParams, Pay, Sync, Voucher
 
 FAILED = HandlerError("the handler failed").to_wire()
 EVENTS = {SubmitCreate: "create", SubmitDeposit: "deposit", SubmitCloseMutual: "close_mutual",
@@ -184,4 +185,25 @@ def test_a_solo_closer_is_paid_a_refund_that_reaches_it_after_its_close() -> Non
     pair.advance(1)                                    # advance_time: A's confirm lands
     assert pair.events[-1] == "confirm"
     assert pair.paid["A"] >= 1
+
+
+def test_a_closing_party_never_lowers_what_it_declares_after_a_sync() -> None:
+    """A's voucher went back from (nonce 1, sent 8) to (nonce 2, sent 0): the peer held a
+    voucher of A's with a higher nonce but a lower sent (A forged it; a party restored from an
+    old copy can sign such a pair too), and a sync made the closing A adopt it. A closing party
+    signs nothing new, so it must keep declaring the higher of the two."""
+    pair = Pair(dep_a=20)                              # open_channel, deposit(name='A')
+    a = pair.state("A")
+    forged = Voucher.create(pair.keys["A"], a.channel_id, 1, 2, 0)
+    pair.in_flight.append(("B", wire.encode(Sync(a.channel_id, 1, forged, None, False))))
+    pair.deliver()                                     # cheater_forges_voucher(nonce_step=2)
+    assert pair.state("B").peer_voucher == forged
+    pair.act("B", ActionSync())                        # sync(name='B'): yours = A's nonce 2
+    sync = pair.in_flight.pop()
+    pair.act("A", ActionPay("A1", 8, "call"))          # pay(name='A', amount=8)
+    pair.act("A", ActionCloseSolo())                   # A closes (a stale close in the run)
+    assert pair.state("A").phase is Phase.CLOSING
+    pair.in_flight.append(sync)
+    pair.deliver(-1)                                   # the sync reaches the closing A
+    assert (pair.state("A").my_nonce, pair.state("A").my_sent) == (1, 8)
 
