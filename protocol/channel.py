@@ -595,8 +595,8 @@ def _receive_sync(s: ChannelState, r: ReceiveSync, now: int,
     m = r.msg
     effects: Effects = []
     if m.channel_id == s.channel_id and m.period == s.period:
-        s = _take_voucher(s, m.mine)
-        effects += _fraud_evidence(s, m.mine)
+        # Our own voucher first: the peer's may be a refund of a payment we had forgotten, and
+        # is checked against what we paid. (Both in one step: a duplicate changes nothing.)
         mine = m.yours
         if (mine is not None and mine.channel_id == s.channel_id and mine.period == s.period
                 and (mine.nonce > s.my_nonce or mine.sent > s.my_sent) and mine.verify(s.me)):
@@ -619,6 +619,8 @@ def _receive_sync(s: ChannelState, r: ReceiveSync, now: int,
             if s.my_voucher != before:
                 effects.append(NotifyEvent("own_voucher_recovered", {"nonce": mine.nonce,
                                                                       "sent": mine.sent}))
+        s = _take_voucher(s, m.mine)
+        effects += _fraud_evidence(s, m.mine)
     if m.reply:
         effects.append(Send(Sync(s.channel_id, s.period, s.my_voucher, s.peer_voucher, False)))
     effects += _resend_outgoing(s)

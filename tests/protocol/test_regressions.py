@@ -207,3 +207,23 @@ def test_a_closing_party_never_lowers_what_it_declares_after_a_sync() -> None:
     pair.deliver(-1)                                   # the sync reaches the closing A
     assert (pair.state("A").my_nonce, pair.state("A").my_sent) == (1, 8)
 
+
+def test_a_sync_with_our_forgotten_voucher_and_the_peers_refund_is_taken_at_once() -> None:
+    """A duplicate of B's sync changed A's state: the sync carried A's own voucher for 1
+    (which A did not hold) and B's refund of that 1. A checked the refund against what it
+    knew it had paid before learning its own voucher, so it dropped the refund the first time
+    and took it the second."""
+    pair = Pair(dep_a=1)                               # open_channel, deposit(name='A', 1)
+    a = pair.state("A")
+    paid = Voucher.create(pair.keys["A"], a.channel_id, 1, 1, 1)
+    pair.in_flight.append(("B", wire.encode(Pay(a.channel_id, "X1", paid, 1, "forged"))))
+    pair.deliver()                                     # cheater_forges_voucher: B serves X1
+    pair.act("B", ActionHandlerDone("X1", None, FAILED))  # answer(ok=False): refund of 1
+    pair.in_flight.clear()
+    pair.act("B", ActionSync())                        # sync(name='B')
+    _, data = pair.in_flight.pop()
+    for _ in range(2):                                 # redeliver: twice
+        pair.in_flight.append(("A", data))
+        pair.deliver()
+        a = pair.state("A")
+        assert (a.my_sent, a.peer_sent, a.my_balance) == (1, 1, 1)
