@@ -538,6 +538,12 @@ def _receive_pay_result(s: ChannelState, r: ReceivePayResult, now: int,
     op = next((o for o in s.outgoing if o.payment_id == m.payment_id), None)
     if op is None or m.channel_id != s.channel_id:
         return s, []  # a duplicate or stale result: already settled
+    if (m.error is not None and m.refund is not None and _check_peer_voucher(s, m.refund) is None
+            and _newer(s, m.refund) and _overdraws(s, m.refund)):
+        # The refund counts on a deposit of the peer's that our watcher has not seen yet. Not
+        # an answer we can take yet: the payment stays in flight, a sync re-sends it, and the
+        # peer answers again from its results.
+        return s, _fraud_evidence(s, m.refund)
     s = replace(s, outgoing=tuple(o for o in s.outgoing if o.payment_id != m.payment_id))
     if m.error is None:
         return s, [NotifyPayOutcome(m.payment_id, m.response, None)]

@@ -18,7 +18,9 @@ from paychan.protocol.channel import (
     ActionPay,
     ActionSync,
     ChannelState,
+    InvalidInput,
     LedgerUpdate,
+    NotifyPayOutcome,
     Phase,
     Send,
     SubmitCloseMutual,
@@ -53,6 +55,7 @@ class Pair:
         self.in_flight: list[tuple[str, bytes]] = []  # (recipient, bytes), in sending order
         self.results: dict[str, dict[str, Any]] = {"A": {}, "B": {}}
         self.tasks: dict[str, list[SubmitConfirm]] = {"A": [], "B": []}
+        self.lagging: dict[str, list[LedgerUpdate]] = {}  # watchers that see the ledger late
         a, eff_a = channel.initiate(params, self.keys["A"].public, dep_a)
         b, eff_b = channel.respond(wire.decode(wire.encode(eff_a[0].msg)),  # type: ignore[arg-type]
                                    self.keys["B"].public)
@@ -122,7 +125,17 @@ class Pair:
         for who, amount in payouts:
             self.paid["A" if who == self.public("A") else "B"] += amount
         for name in ("A", "B"):
-            self.act(name, LedgerUpdate(new, event, payouts))
+            if name in self.lagging:
+                self.lagging[name].append(LedgerUpdate(new, event, payouts))
+            else:
+                self.act(name, LedgerUpdate(new, event, payouts))
+
+    def lag(self, name: str) -> None:
+        self.lagging[name] = []
+
+    def catch_up(self, name: str) -> None:
+        for update in self.lagging.pop(name):
+            self.act(name, update)
 
     def advance(self, seconds: int) -> None:
         """Time passes; every confirm that is due lands."""
@@ -227,3 +240,28 @@ def test_a_sync_with_our_forgotten_voucher_and_the_peers_refund_is_taken_at_once
         pair.deliver()
         a = pair.state("A")
         assert (a.my_sent, a.peer_sent, a.my_balance) == (1, 1, 1)
+
+
+def test_a_refund_that_counts_on_an_unseen_deposit_waits_instead_of_being_lost() -> None:
+    """B's watcher had not yet seen A's deposit when A's refund of B's failed call arrived: B
+    found it overdrew and dropped it as invalid, ending the payment unrefunded; the refunded
+    money then stayed with B as credit for calls that never come."""
+    pair = Pair(dep_a=0, dep_b=1)                      # open_channel(dep_a=0, dep_b=1)
+    pair.lag("B")
+    pair.act("A", ActionDeposit(1))                    # deposit(name='A', 1): B sees it late
+    pair.act("A", ActionPay("A1", 1, "call 1"))        # pay(name='A', amount=1)
+    pair.in_flight.clear()                             # (it stays in flight)
+    pair.act("B", ActionPay("B2", 1, "call 2"))        # pay(name='B', amount=1)
+    pair.deliver()                                     # deliver_and_answer(ok=False):
+    pair.act("A", ActionHandlerDone("B2", None, FAILED))  # A refunds, counting on its deposit
+    effects = pair.deliver()                           # deliver: the refund reaches B
+    assert not any(isinstance(e, InvalidInput) for e in effects)
+    assert [o.payment_id for o in pair.state("B").outgoing] == ["B2"]  # not over yet
+    pair.catch_up("B")                                 # B's watcher sees the deposit
+    pair.act("B", ActionSync())                        # the next sync re-sends B2 ...
+    pair.in_flight = [(r, d) for r, d in pair.in_flight if wire.decode(d).TYPE == "pay"]
+    pair.deliver()                                     # ... A answers from its results
+    outcomes = [e for e in pair.deliver() if isinstance(e, NotifyPayOutcome)]
+    assert [(o.payment_id, o.refunded) for o in outcomes] == [("B2", True)]
+    b = pair.state("B")  # its 1 back; A1's 1 (still in flight) is credit until A1 arrives
+    assert (b.my_balance, b.credit, b.spendable) == (2, 1, 1)
