@@ -32,6 +32,7 @@ class LoopbackNetwork:
         self.faults = faults or Faults()
         self._rng = random.Random(self.faults.seed)
         self._nodes: dict[bytes, Deliver] = {}
+        self._peer_back: dict[bytes, Callable[[bytes], None]] = {}
         self._queue: list[tuple[float, int, bytes, bytes]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -41,13 +42,22 @@ class LoopbackNetwork:
         self._thread = threading.Thread(target=self._run, name="paychan-loopback", daemon=True)
         self._thread.start()
 
-    def attach(self, address: bytes, deliver: Deliver) -> None:
+    def attach(self, address: bytes, deliver: Deliver,
+               peer_back: Callable[[bytes], None] | None = None) -> None:
+        """Join; every node already here hears (on its own thread) that `address` is back."""
         with self._cv:
             self._nodes[address] = deliver
+            others = [cb for who, cb in self._peer_back.items() if who != address]
+            if peer_back is not None:
+                self._peer_back[address] = peer_back
+        for cb in others:
+            threading.Thread(target=cb, args=(address,), daemon=True,
+                             name="paychan-loopback-peer-back").start()
 
     def detach(self, address: bytes) -> None:
         with self._cv:
             self._nodes.pop(address, None)
+            self._peer_back.pop(address, None)
 
     def is_attached(self, address: bytes) -> bool:
         with self._cv:

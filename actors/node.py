@@ -30,6 +30,7 @@ from paychan.protocol.contract import ChannelRecord
 from paychan.protocol.errors import (
     Conflict,
     HandlerError,
+    NotAllowedAtState,
     NotFound,
     PaychanError,
     Rejected,
@@ -184,6 +185,8 @@ class NodeCore:
 
     def tell(self, channel_id: bytes, inp: Any, reply: Future[Any] | None = None,
              height: int = 0, errors_only: bool = False) -> None:
+        if self._closed:
+            raise NotAllowedAtState("the node is closed")
         self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only))
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
@@ -228,6 +231,9 @@ class NodeCore:
                                     "refunded": eff.refunded})
             elif isinstance(eff, machine.NotifyEvent):
                 self.emit_event(eff.name, cid, eff.info)
+            elif isinstance(eff, machine.RecordResult):
+                with self._lock:
+                    self.running.discard((cid, eff.result.payment_id))
             elif isinstance(eff, machine.InvalidInput):
                 log.warning("%s: peer input refused: %s", encode_channel_id(cid), eff.error)
             elif type(eff).__name__.startswith("Submit"):
@@ -253,6 +259,10 @@ class NodeCore:
                           encode_channel_id(state.channel_id), eff.payment_id)
         self.handlers.submit(self._call_handler, state.channel_id, payment)
 
+    def forget_running(self, channel_id: bytes) -> None:
+        with self._lock:
+            self.running = {key for key in self.running if key[0] != channel_id}
+
     def _call_handler(self, cid: bytes, payment: Payment) -> None:
         response, error = None, None
         # Calls resumed while the node is opening may come before the application has set
@@ -267,12 +277,14 @@ class NodeCore:
             log.info("%s: handler failed for %s, refunding: %r", payment.channel_id,
                      payment.payment_id, exc)
             response, error = None, HandlerError(f"{type(exc).__name__}: {exc}").to_wire()
-        with self._lock:
-            self.running.discard((cid, payment.payment_id))
         try:
+            # Still marked running until the result is committed (after_commit), so a
+            # duplicate arriving meanwhile does not run the handler a second time.
             self.tell(cid, machine.ActionHandlerDone(payment.payment_id, response, error))
-        except PaychanError:
-            log.exception("%s: cannot report a handler result", payment.channel_id)
+        except PaychanError as exc:
+            with self._lock:
+                self.running.discard((cid, payment.payment_id))
+            log.warning("%s: cannot report a handler result: %s", payment.channel_id, exc)
 
     # -- events for the application --------------------------------------------------------
     def emit_event(self, name: str, cid: bytes, info: dict[str, Any]) -> None:
@@ -424,7 +436,13 @@ class NodeCore:
 
     def on_peer_back(self, peer: bytes) -> None:
         """A transport reached a peer again after a gap: sync every live channel with it."""
-        for cid in self.channel_ids():
+        if self._closed:
+            return
+        try:
+            cids = self.channel_ids()
+        except PaychanError:
+            return  # closed meanwhile
+        for cid in cids:
             record = load_record(self, cid)
             if record is not None and record[0].peer == peer and record[0].phase in (
                     Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING):
@@ -448,10 +466,10 @@ class NodeCore:
                 fut = self.waiters.get(key)
                 if fut is None:
                     fut = self.waiters[key] = Future()
-            # One future: a refusal of the pay fails it, the peer's answer completes it.
-            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
-                      errors_only=True)
             try:
+                # One future: a refusal of the pay fails it, the peer's answer completes it.
+                self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
+                          errors_only=True)
                 outcome = fut.result(timeout)
             except PaychanError:
                 self.waiters.pop(key, None)
@@ -481,7 +499,9 @@ class NodeCore:
         except Exception:
             log.debug("ledger already gone at close")
         self.watcher.stop()
-        self.handlers.shutdown(wait=True, cancel_futures=True)
+        # A handler still running is not waited for: its result finds the node closed and
+        # the payer's retry (or sync) asks again after a restart.
+        self.handlers.shutdown(wait=False, cancel_futures=True)
         self.supervisor.stop_all()
         self._events.put(None)
         self._dispatcher.join(timeout=5)

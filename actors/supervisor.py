@@ -67,6 +67,8 @@ class Supervisor:
 
     def _ref(self, channel_id: bytes) -> pykka.ActorRef[Any]:
         with self._lock:
+            if self._closed.is_set():
+                raise NotAllowedAtState("the node is closed")
             if channel_id in self.quarantined:
                 raise Quarantined(f"channel {encode_channel_id(channel_id)} is quarantined: "
                                   f"{self.quarantined[channel_id]}")
@@ -97,6 +99,9 @@ class Supervisor:
         now quarantined or the node is stopping, when their callers get the refusal."""
         now = time.monotonic()
         refusal: PaychanError | None = None
+        # A handler result the dead actor was committing is lost with it: let the call run
+        # again when the payer resends it.
+        self.core.forget_running(channel_id)
         with self._lock:
             entry = self._live.get(channel_id)
             if entry is not None:

@@ -38,9 +38,15 @@ class LoopbackTransport:
     def __init__(self, network: LoopbackNetwork, address: bytes) -> None:
         self.network = network
         self.address = address
+        self.on_reconnect: Callable[[bytes], None] | None = None
 
     def start(self, deliver: Deliver) -> None:
-        self.network.attach(self.address, lambda envelope: _ignore(deliver(envelope, None)))
+        self.network.attach(self.address, lambda envelope: _ignore(deliver(envelope, None)),
+                            self._peer_back)
+
+    def _peer_back(self, peer: bytes) -> None:
+        if self.on_reconnect is not None:
+            self.on_reconnect(peer)
 
     def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool:
         return (route is None or route.get("via") == "loopback") and self.network.is_attached(peer)
