@@ -16,28 +16,52 @@ def test_quick_bench_reports_every_case_and_ratio():
     machine = result["machine"]
     assert machine["cpu_count"] >= 1
     assert machine["python"].startswith("3.")
+    assert len(machine["load_average"]["start"]) == len(machine["load_average"]["end"]) == 3
 
     channels = result["config"]["channels"]
     cases = result["cases"]
-    assert set(cases) == {"paychan_1", "bare_1", f"paychan_{channels}", f"bare_{channels}"}
+    assert set(cases) == {f"{kind}_{n}" for kind in ("paychan", "bare", "paychan-xproc",
+                                                     "bare-xproc") for n in (1, channels)}
     for key, case in cases.items():
         assert case["payments_per_s"] > 0, key
         assert case["latency_ms"]["p50"] > 0, key
         assert case["latency_ms"]["p99"] >= case["latency_ms"]["p50"], key
+        assert case["cpu_ms_per_payment"] >= 0, key
         assert case["errors"] == 0, (key, case["first_errors"])
         # Every payment asked for was acknowledged with the expected response, and the
-        # committed state agrees: the payer signed for exactly that many, the payee holds it.
+        # committed state agrees: the payer signed for exactly that many, the payee holds it
+        # and served each one (across processes, read from the payee's store once it stopped).
         assert case["acknowledged"] == case["payments"], key
         assert case["state_consistent"], (key, case)
-        # Four durable commits per payment on both sides of the comparison.
-        assert case["commits"]["requests"] >= 4 * case["payments"], key
-        if case["kind"] == "bare":
-            assert case["commits"]["requests"] == 4 * case["payments"], key
-    assert cases["paychan_1"]["payments"] == result["config"]["payments_1_channel"]
-    assert cases[f"paychan_{channels}"]["payments"] == \
-        result["config"][f"payments_{channels}_channels"]
-    assert cases["paychan_1"]["served_by_payee"] == cases["paychan_1"]["expected_sent"]
+        assert case["served_by_payee"] == case["expected_sent"], key
+        if case["kind"].endswith("-xproc"):
+            # Commits are counted in the payer process: two durable commits per payment.
+            assert case["commits"]["requests"] >= 2 * case["payments"], key
+            if case["kind"] == "bare-xproc":
+                assert case["commits"]["requests"] == 2 * case["payments"], key
+            # Every process of the case stopped cleanly once measured.
+            assert all(code == 0 for code in case["exit_codes"].values()), (key, case)
+            assert case["cpu_ms_per_payment_by_process"], key
+        else:
+            # Four durable commits per payment on both sides of the comparison.
+            assert case["commits"]["requests"] >= 4 * case["payments"], key
+            if case["kind"] == "bare":
+                assert case["commits"]["requests"] == 4 * case["payments"], key
+    config = result["config"]
+    assert cases["paychan_1"]["payments"] == config["payments_1_channel"]
+    assert cases[f"paychan_{channels}"]["payments"] == config[f"payments_{channels}_channels"]
+    assert cases["paychan-xproc_1"]["payments"] == config["xproc_payments_1_channel"]
+    assert cases[f"paychan-xproc_{channels}"]["payments"] == \
+        config[f"xproc_payments_{channels}_channels"]
 
-    for key in ("1", str(channels)):
+    assert set(result["ratios"]) == {"1", str(channels), "xproc_1", f"xproc_{channels}"}
+    for key, ratio in result["ratios"].items():
         for figure in ("throughput", "latency_p50", "latency_p99"):
-            assert result["ratios"][key][figure] > 0, (key, figure)
+            assert ratio[figure] > 0, (key, figure)
+
+    # The targets are reported next to the figures, met or not, never asserted.
+    assert set(result["targets"]) == {"xproc_1", f"xproc_{channels}"}
+    for key, target in result["targets"].items():
+        for figure in ("payments_per_s", "ratio_to_bare"):
+            assert target[figure]["measured"] > 0, (key, figure)
+            assert isinstance(target[figure]["met"], bool), (key, figure)
