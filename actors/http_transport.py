@@ -26,6 +26,8 @@ MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
 REPLY_TO = "X-Paychan-Reply-To"
 
+Socket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
+
 
 class PeerUnreachable(Rejected):
     """The peer's URL does not answer, or its certificate is not trusted."""
@@ -57,8 +59,8 @@ class HttpTransport:
         self._queues: dict[bytes, asyncio.Queue[bytes]] = {}
         self._workers: dict[bytes, asyncio.Task[None]] = {}
         self._urls: dict[bytes, str] = {}
-        self._outbound: dict[bytes, aiohttp.ClientWebSocketResponse] = {}
-        self._inbound: dict[bytes, web.WebSocketResponse] = {}
+        self._outbound: dict[bytes, Socket] = {}
+        self._inbound: dict[bytes, Socket] = {}
         self._gone: set[bytes] = set()
         self._limit: asyncio.Semaphore | None = None
         self.refused = 0
@@ -113,7 +115,8 @@ class HttpTransport:
     async def _stop(self) -> None:
         for task in self._workers.values():
             task.cancel()
-        for ws in [*self._outbound.values(), *self._inbound.values()]:
+        sockets: list[Socket] = [*self._outbound.values(), *self._inbound.values()]
+        for ws in sockets:
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -194,7 +197,7 @@ class HttpTransport:
                 self._gone.discard(peer)
                 self.on_reconnect(peer)  # back after a gap: sync resends what was missed
 
-    async def _socket(self, peer: bytes) -> aiohttp.ClientWebSocketResponse | web.WebSocketResponse:
+    async def _socket(self, peer: bytes) -> Socket:
         """An open socket to `peer`: ours to its URL, else the one it opened to us."""
         for ws in (self._outbound.get(peer), self._inbound.get(peer)):
             if ws is not None and not ws.closed:
@@ -210,8 +213,7 @@ class HttpTransport:
         self._loop.create_task(self._read(ws_out, peer, None))
         return ws_out
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-                    peer: bytes | None, route: dict[str, Any] | None) -> None:
+    async def _read(self, ws: Socket, peer: bytes | None, route: dict[str, Any] | None) -> None:
         """Hand every frame from a socket to the node; answer junk with an error frame."""
         assert self._deliver is not None
         strikes = 0

@@ -211,6 +211,9 @@ async def _ws_junk(url, frames):
 def test_junk_frames_on_the_stream_get_errors_then_the_socket_closes(pair):
     a, b, _, url_b = pair
     ch = a.create_channel(url_b, 100)
+    from paychan.protocol.channel import Phase
+    from paychan.protocol.identity import decode_channel_id
+    b._core.wait_for(decode_channel_id(ch), lambda s: s.phase is Phase.OPEN, 10)
     before = b.balances(ch)
     frames = ["text is not an envelope", b"\x00garbage", b"", *[b"junk %d" % i for i in range(20)]]
     answers, code = asyncio.run(_ws_junk(url_b, frames))
