@@ -46,6 +46,7 @@ log = logging.getLogger("paychan.node")
 
 KV = "kv"
 UNHEARD_KEPT = 256  # per event name, for a callback registered after the event
+FREQUENT_EVENTS = frozenset({"payment_received", "message"})
 _REPLAY: dict[str, Any] = {"event": "_replay"}  # wakes the dispatcher for a backlog
 _SEED = b"identity_seed"
 _HEIGHT = b"ledger_height"
@@ -76,6 +77,23 @@ class Payment:
     peer: str
     channel_id: str
     payment_id: str
+
+
+def timed_out(payment_id: str, timeout: float) -> PaychanError:
+    from paychan.protocol.errors import Timeout
+    return Timeout(f"no answer to payment {payment_id} within {timeout} s; retry with the same "
+                   "payment_id to finish it")
+
+
+def result_of(outcome: dict[str, Any]) -> Any:
+    """The response of a payment's outcome, or its error raised."""
+    from paychan.protocol.errors import from_wire
+    if outcome["error"] is not None:
+        err = from_wire(outcome["error"])
+        if outcome.get("refunded"):
+            err = type(err)(f"{err.message} (refunded)")
+        raise err
+    return outcome["response"]
 
 
 class NodeCore:
@@ -288,11 +306,16 @@ class NodeCore:
 
     # -- events for the application --------------------------------------------------------
     def emit_event(self, name: str, cid: bytes, info: dict[str, Any]) -> None:
-        payload = {"event": name, "channel_id": encode_channel_id(cid), **info}
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s: %s %s", encode_channel_id(cid), name,
-                     {k: v for k, v in info.items() if k != "body"})
-        self._events.put(payload)
+        # Per-payment events are many: they log at debug and are kept for a late callback
+        # only if someone listens; channel life events log at info and are always kept.
+        frequent = name in FREQUENT_EVENTS
+        level = logging.DEBUG if frequent else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s: %s %s", encode_channel_id(cid), name,
+                    {k: v for k, v in info.items() if k != "body"})
+        if frequent and not self.callbacks.get(name):
+            return
+        self._events.put({"event": name, "channel_id": encode_channel_id(cid), **info})
 
     def add_callback(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:
         """The first callback of an event also hears the events of that name that nobody
@@ -455,34 +478,37 @@ class NodeCore:
         return next((t for t in self.transports if t.name == name), None)
 
     # -- payments --------------------------------------------------------------------------
+    def pay_future(self, channel_id: bytes, payment_id: str, amount: int,
+                   message: Any) -> Future[Any]:
+        """A future of the payment's outcome (see `result_of`); a payment_id already answered
+        gets its stored outcome. A refusal of the pay fails the future."""
+        fut: Future[Any]
+        outcome = outcome_of(self, channel_id, payment_id)
+        if outcome is not None:
+            fut = Future()
+            fut.set_result(outcome)
+            return fut
+        key = (channel_id, payment_id)
+        with self._lock:
+            fut = self.waiters.get(key) or self.waiters.setdefault(key, Future())
+        try:
+            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
+                      errors_only=True)
+        except PaychanError:
+            self.waiters.pop(key, None)
+            raise
+        fut.add_done_callback(
+            lambda f: (f.cancelled() or f.exception() is not None) and self.waiters.pop(key, None))
+        return fut
+
     def pay(self, channel_id: bytes, payment_id: str, amount: int, message: Any,
             timeout: float) -> Any:
         """Pay and wait for the peer's response; a known payment_id returns its stored outcome."""
-        from paychan.protocol.errors import Timeout, from_wire
-        outcome = outcome_of(self, channel_id, payment_id)
-        if outcome is None:
-            key = (channel_id, payment_id)
-            with self._lock:
-                fut = self.waiters.get(key)
-                if fut is None:
-                    fut = self.waiters[key] = Future()
-            try:
-                # One future: a refusal of the pay fails it, the peer's answer completes it.
-                self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
-                          errors_only=True)
-                outcome = fut.result(timeout)
-            except PaychanError:
-                self.waiters.pop(key, None)
-                raise
-            except TimeoutError:
-                raise Timeout(f"no answer to payment {payment_id} within {timeout} s; retry "
-                              "with the same payment_id to finish it") from None
-        if outcome["error"] is not None:
-            err = from_wire(outcome["error"])
-            if outcome.get("refunded"):
-                err = type(err)(f"{err.message} (refunded)")
-            raise err
-        return outcome["response"]
+        fut = self.pay_future(channel_id, payment_id, amount, message)
+        try:
+            return result_of(fut.result(timeout))
+        except TimeoutError:
+            raise timed_out(payment_id, timeout) from None
 
     # -- shutdown --------------------------------------------------------------------------
     def close(self) -> None:

@@ -14,7 +14,7 @@ from paychan.actors.clock import VirtualClock, WallClock
 from paychan.actors.http_transport import HttpTransport
 from paychan.actors.hub import normalize_hub_url
 from paychan.actors.ledger import EmbeddedLedger
-from paychan.actors.node import NodeCore, Payment
+from paychan.actors.node import NodeCore, Payment, result_of, timed_out
 from paychan.protocol import channel as machine
 from paychan.protocol import errors
 from paychan.protocol.channel import Phase
@@ -286,8 +286,19 @@ class Node:
     async def acreate_channel(self, *args: Any, **kwargs: Any) -> str:
         return str(await self._run(self.create_channel, *args, **kwargs))
 
-    async def asend_message_and_pay(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._run(self.send_message_and_pay, *args, **kwargs)
+    async def asend_message_and_pay(self, ch: str, message: Any, amount: int,
+                                    timeout: float = 10.0, payment_id: str | None = None) -> Any:
+        """Like send_message_and_pay, awaiting the answer without holding a thread."""
+        check_amount(amount)
+        check_body(message)
+        pid = payment_id or uuid.uuid4().hex
+        fut = self._core.pay_future(_cid(ch), pid, amount, message)
+        # asyncio.wait, not wait_for: a timeout must not cancel the shared outcome future.
+        waiting = asyncio.wrap_future(fut)
+        done, _ = await asyncio.wait({waiting}, timeout=timeout)
+        if not done:
+            raise timed_out(pid, timeout)
+        return result_of(waiting.result())
 
     async def asend_message(self, *args: Any, **kwargs: Any) -> None:
         await self._run(self.send_message, *args, **kwargs)
