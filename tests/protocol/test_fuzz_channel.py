@@ -719,17 +719,19 @@ class ChannelMachine(RuleBasedStateMachine):
         return self._flush()
 
     @precondition(lambda self: self.record is not None and self.record.close is not None)
-    @rule()
-    def closer_proves_fraud_on_itself(self) -> None:
+    @rule(as_delegate=st.booleans())
+    def closer_proves_fraud_on_itself(self, as_delegate: bool) -> None:
         """The closer signs a voucher above what it declared and submits it as a fraud proof:
-        only the non-closer may prove fraud (Obyte's fault), so it must be Unauthorized."""
+        only the non-closer (or its delegate) may prove fraud (Obyte's fault), so it must be
+        Unauthorized, also when the closer first names itself as its own side's delegate."""
         rec = self.record
         assert rec is not None and rec.close is not None
         closer = next(p for p in self.parties.values() if p.public == rec.close.closer)
         voucher = Voucher.create(closer.key, rec.channel_id, rec.period, 2**40,
                                  rec.close.declared_sent_closer + 1)
+        target = contract.set_delegate(rec, closer.public, closer.public) if as_delegate else rec
         try:
-            contract.fraud_proof(rec, closer.public, rec.period, voucher)
+            contract.fraud_proof(target, closer.public, rec.period, voucher)
         except Unauthorized:
             assert self.record == rec
         else:
