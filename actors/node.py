@@ -126,6 +126,7 @@ class NodeCore:
         self.waiters: dict[tuple[bytes, str], Future[Any]] = {}
         self.running: set[tuple[bytes, str]] = set()
         self.changed = threading.Condition()
+        self._waiting = 0
         self._lock = threading.Lock()
         self._events: queue.Queue[Any] = queue.Queue()
         self._closed = False
@@ -225,15 +226,19 @@ class NodeCore:
         from paychan.protocol.errors import Timeout
         deadline = time.monotonic() + timeout
         with self.changed:
-            while True:
-                state = self.state(channel_id)
-                if predicate(state):
-                    return state
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Timeout(f"channel {encode_channel_id(channel_id)} is "
-                                  f"{state.phase.value} after {timeout} s")
-                self.changed.wait(min(left, 0.5))
+            self._waiting += 1
+            try:
+                while True:
+                    state = self.state(channel_id)
+                    if predicate(state):
+                        return state
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Timeout(f"channel {encode_channel_id(channel_id)} is "
+                                      f"{state.phase.value} after {timeout} s")
+                    self.changed.wait(min(left, 0.5))
+            finally:
+                self._waiting -= 1
 
     # -- effects, after each commit (on the channel actor's thread) ------------------------
     def after_commit(self, cid: bytes, state: ChannelState, effects: list[Any]) -> None:
@@ -256,8 +261,9 @@ class NodeCore:
                 log.warning("%s: peer input refused: %s", encode_channel_id(cid), eff.error)
             elif type(eff).__name__.startswith("Submit"):
                 self.watcher.kick()
-        with self.changed:
-            self.changed.notify_all()
+        if self._waiting:  # only wake waiters there are (it is per commit: keep it cheap)
+            with self.changed:
+                self.changed.notify_all()
 
     def send(self, peer: bytes, payload: bytes) -> None:
         route = self.routes.get(peer)

@@ -143,6 +143,40 @@ class Phase:
             self.rounds.append(round(other.acknowledged / other.seconds, 1))
 
 
+def run_phase_async(pay: Callable[[int, int], Any], counts: list[int], firsts: list[int],
+                    want: Callable[[int], Any] = expected) -> Phase:
+    """As run_phase, with one asyncio task per channel on one loop; `pay(c, i)` is a coroutine
+    function (paychan's `asend_message_and_pay`), so no thread is held per caller."""
+    import asyncio
+    out = Phase()
+
+    async def worker(c: int) -> None:
+        for i in range(firsts[c], firsts[c] + counts[c]):
+            t0 = time.perf_counter()
+            try:
+                reply = await pay(c, i)
+            except Exception as exc:
+                out.errors.append(f"channel {c} payment {i}: {type(exc).__name__}: {exc}")
+                continue
+            out.latencies.append(time.perf_counter() - t0)
+            if reply == want(i):
+                out.acknowledged += 1
+            else:
+                out.errors.append(f"channel {c} payment {i}: unexpected reply {reply!r}")
+
+    async def main() -> None:
+        await asyncio.gather(*(worker(c) for c in range(len(counts))))
+
+    gc.collect()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    asyncio.run(main())
+    out.seconds = time.perf_counter() - t0
+    out.cpu_seconds = time.process_time() - cpu0
+    for c, n in enumerate(counts):
+        firsts[c] += n
+    return out
+
+
 def run_phase(pay: Callable[[int, int], Any], counts: list[int], firsts: list[int],
               want: Callable[[int], Any] = expected) -> Phase:
     """Payments firsts[c] .. firsts[c] + counts[c] - 1 on channel c, one thread per channel, all

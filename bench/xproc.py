@@ -384,9 +384,15 @@ def paychan_payer(args: argparse.Namespace) -> int:
         def pay(c: int, i: int) -> Any:
             return node.send_message_and_pay(ids[c], message_for(i), AMOUNT, timeout=PAY_TIMEOUT)
 
+        def apay(c: int, i: int) -> Any:
+            return node.asend_message_and_pay(ids[c], message_for(i), AMOUNT, timeout=PAY_TIMEOUT)
+
         def handle(req: dict[str, Any]) -> dict[str, Any]:
             if req["op"] == "run":
-                phase = bench.run_phase(pay, req["counts"], firsts, want=expected)
+                # Many channels: asyncio tasks like the bare payer, not a thread per caller.
+                phase = (bench.run_phase_async(apay, req["counts"], firsts, want=expected)
+                         if channels > 1 else
+                         bench.run_phase(pay, req["counts"], firsts, want=expected))
                 return phase_reply(phase.latencies, phase.acknowledged, phase.seconds,
                                    phase.errors)
             if req["op"] == "stats":
