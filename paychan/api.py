@@ -255,6 +255,11 @@ class Node:
             self._core_log(f"mutual close did not finish ({reason}); closing solo")
         now = self._core.state(cid)
         if now.ledger_close is None and now.period == start.period:
+            # Answers still on their way may carry refunds that only count before our close.
+            try:
+                self._core.wait_for(cid, lambda s: not s.outgoing, mutual_timeout)
+            except errors.Timeout:
+                self._core_log("payments still await answers; closing solo without them")
             self._core.ask(cid, machine.ActionCloseSolo())
         if wait:
             limit = timeout if timeout is not None else start.params.dispute_period + 60.0
