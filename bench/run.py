@@ -143,6 +143,19 @@ class Phase:
             self.rounds.append(round(other.acknowledged / other.seconds, 1))
 
 
+def bare_take_pay(ch: Any, msg: Any, sender: bytes, cid: bytes, answered: bool) -> None:
+    """The bare payee's checks of a Pay (paychan's, minus the machine): raise or take it."""
+    if answered:
+        raise RuntimeError("a duplicate payment")
+    held, pv = ch.peer_voucher, msg.voucher
+    if not pv.verify(sender) or pv.channel_id != cid or (held and pv.nonce <= held.nonce):
+        raise RuntimeError("a bad voucher")
+    if msg.amount > pv.sent - ch.credit_used:
+        raise RuntimeError("not covered")
+    ch.peer_voucher, ch.credit_used = pv, ch.credit_used + msg.amount
+    ch.serving[msg.payment_id] = msg.amount
+
+
 def run_phase_async(pay: Callable[[int, int], Any], counts: list[int], firsts: list[int],
                     want: Callable[[int], Any] = expected) -> Phase:
     """As run_phase, with one asyncio task per channel on one loop; `pay(c, i)` is a coroutine
@@ -513,15 +526,7 @@ class BareCase(Case):
         msg = decode(payload)
         if not isinstance(msg, Pay) or sender != payer.public or msg.channel_id != cid:
             raise RuntimeError("not a pay for this channel")
-        if payee.store.get(RESULTS_DB, key) is not None:
-            raise RuntimeError("a duplicate payment")
-        held, pv = ch.peer_voucher, msg.voucher
-        if not pv.verify(sender) or pv.channel_id != cid or (held and pv.nonce <= held.nonce):
-            raise RuntimeError("a bad voucher")
-        if msg.amount > pv.sent - ch.credit_used:
-            raise RuntimeError("not covered")
-        ch.peer_voucher, ch.credit_used = pv, ch.credit_used + msg.amount
-        ch.serving[msg.payment_id] = msg.amount
+        bare_take_pay(ch, msg, sender, cid, payee.store.get(RESULTS_DB, key) is not None)
         self.commit(payee.store, [Put(CHANNELS_DB, cid, pack(
             [_v(ch.peer_voucher), ch.credit_used, list(ch.serving.items())]))])
         with self._lock:  # as paychan's payee counts what it served

@@ -507,6 +507,7 @@ class BareParty:
 
 def bare_payee(args: argparse.Namespace) -> int:
     out = protocol_out()
+    import run as bench  # the bare payee's checks, shared with the in-process bare loop
     from aiohttp import WSMsgType, web
 
     from paychan.protocol.wire import Pay, PayResult, decode, encode
@@ -529,15 +530,7 @@ def bare_payee(args: argparse.Namespace) -> int:
         if sender != ch.peer:
             raise RuntimeError("not from the channel's payer")
         key = cid + msg.payment_id.encode()
-        if party.store.get(RESULTS_DB, key) is not None:
-            raise RuntimeError("a duplicate payment")
-        held, pv = ch.peer_voucher, msg.voucher
-        if not pv.verify(sender) or pv.channel_id != cid or (held and pv.nonce <= held.nonce):
-            raise RuntimeError("a bad voucher")
-        if msg.amount > pv.sent - ch.credit_used:
-            raise RuntimeError("not covered")
-        ch.peer_voucher, ch.credit_used = pv, ch.credit_used + msg.amount
-        ch.serving[msg.payment_id] = msg.amount
+        bench.bare_take_pay(ch, msg, sender, cid, party.store.get(RESULTS_DB, key) is not None)
         await party.committer.commit([Put(CHANNELS_DB, cid, pack(
             [_v(ch.peer_voucher), ch.credit_used, list(ch.serving.items())]))])
         response = echo(msg.message, msg.amount)
