@@ -103,6 +103,14 @@ def submit_tx(cid: bytes, eff: Any) -> tuple[str, dict[str, Any], int] | None:
     return None
 
 
+class ChannelLog(logging.LoggerAdapter):
+    """Every line names its channel, whatever the handler's format."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        assert self.extra is not None
+        return f"{self.extra['channel']}: {msg}", kwargs
+
+
 class ChannelActor(pykka.ThreadingActor):
     """Runs the pure machine for one channel. Write-ahead: commit, then emit effects."""
 
@@ -110,8 +118,8 @@ class ChannelActor(pykka.ThreadingActor):
         super().__init__()
         self.core = core
         self.channel_id = channel_id
-        self.log = logging.LoggerAdapter(logging.getLogger("paychan.channel"),
-                                         {"channel": encode_channel_id(channel_id)})
+        self.log = ChannelLog(logging.getLogger("paychan.channel"),
+                              {"channel": encode_channel_id(channel_id)})
         self.state: ChannelState | None = None
         self.height = 0
         self._current: Cmd | Start | None = None  # the message being handled
