@@ -9,7 +9,8 @@ cheater. The harness plays everything around them:
   those messages;
 - the store of each party: its state written after every step (the write-ahead rule), the
   results it recorded, and its watcher's tasks; a crash restores the state from the stored bytes
-  and loses only the handler calls in progress;
+  and loses only the handler calls in progress; an honest party may also come back from an old
+  backup, and then syncs before it closes (DESIGN §4);
 - the application: handler calls are answered later, successfully or with an error;
 - the ledger: `paychan.protocol.contract` over one `ChannelRecord`, account balances, a clock;
   every `Submit*` is applied, and every change is fed to both parties as a `LedgerUpdate`.
@@ -151,6 +152,17 @@ class InFlight:
         return f"InFlight(#{self.serial} {self.sender}->{self.recipient}{forged} {kind})"
 
 
+@dataclass(frozen=True)
+class Backup:
+    """An old copy of a party's store, and what its application had logged by then."""
+
+    store: bytes
+    results: dict[str, PayResult]
+    tasks: list[SubmitConfirm]
+    served: set[str]
+    outcomes: set[str]
+
+
 @dataclass
 class Party:
     name: str
@@ -167,6 +179,9 @@ class Party:
     signed: dict[tuple[int, int], int] = field(default_factory=dict)  # (period, nonce) -> sent
     agreed: dict[tuple[int, int, int], int] = field(default_factory=dict)  # close figures -> due
     high: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # voucher high marks
+    backups: list[Backup] = field(default_factory=list)  # old copies an operator may restore
+    amnesiac_since: int | None = None  # restored from a backup, not yet synced after (serial)
+    restored_periods: set[int] = field(default_factory=set)  # may have signed colliding nonces
 
     @property
     def public(self) -> bytes:
@@ -204,6 +219,7 @@ class ChannelMachine(RuleBasedStateMachine):
         self.pays_this_period = 0
         self.behind: dict[str, list[LedgerUpdate]] = {n: [] for n in NAMES}  # not yet seen
         self.misled: set[str] = set()  # parties that took a tampered or forged message
+        self.dead: set[int] = set()  # serials of messages lost with a restored party's past
 
     # --- opening -------------------------------------------------------------------------
 
@@ -264,7 +280,12 @@ class ChannelMachine(RuleBasedStateMachine):
         """Remember what the party signed: vouchers, and close figures with what they pay it."""
         s = p.state
         v = s.my_voucher
-        if v is not None and p.honest:
+        if v is not None and p.honest and v.period in p.restored_periods:
+            # Restored from an old copy: it may sign a nonce again before its sync, and then
+            # supersedes both; what it signed is what it will have to declare.
+            key = (v.period, v.nonce)
+            p.signed[key] = max(p.signed.get(key, 0), v.sent)
+        elif v is not None and p.honest:
             old = p.signed.setdefault((v.period, v.nonce), v.sent)
             assert old == v.sent, f"{p.name} signed two vouchers with nonce {v.nonce}"
             for (period, nonce), sent in p.signed.items():
@@ -411,7 +432,11 @@ class ChannelMachine(RuleBasedStateMachine):
                     # admits it in its confirm, and nothing in DESIGN §5 makes it. The closer is
                     # owed what it held when it closed (test_regressions shows the gap).
                     held = self.closer_held[old.period]
-                due = old.deposit_of(p.public) - s.my_sent + held
+                # What it sent: the most it signed (a party restored from an old copy may not
+                # know all of it yet).
+                sent = max([s.my_sent, *(v for (period, _), v in p.signed.items()
+                                         if period == old.period)])
+                due = old.deposit_of(p.public) - sent + held
                 assert got >= due, f"honest {p.name} holds {due}, was paid {got}"
             # A stale close: the closer declared less than a voucher of its own that the honest
             # party held when the close appeared, or holds now that the period settles.
@@ -516,6 +541,43 @@ class ChannelMachine(RuleBasedStateMachine):
         assert restored == p.state, "the store does not hold the last state"
         p.state = restored
 
+    @rule(name=st.sampled_from(NAMES))
+    def back_up(self, name: str) -> None:
+        """An operator copies a party's store (with its application's payment log)."""
+        p = self.parties[name]
+        p.backups.append(Backup(p.store, dict(p.results), list(p.tasks), set(p.served),
+                                set(p.outcomes)))
+
+    @precondition(lambda self: any(p.honest and p.backups for p in self.parties.values()))
+    @rule(target=messages, pick=st.integers(0, 63))
+    def restore_old_backup(self, pick: int) -> Any:
+        """An honest party loses its store and comes back from an old copy, after an outage
+        long enough that nothing it sent since is still on the wire. On restart its watcher
+        reads the ledger and it syncs; it closes nothing before the peer's answer has told it
+        its own latest voucher (DESIGN §4)."""
+        restorable = [p for p in self.parties.values() if p.honest and p.backups]
+        p = restorable[pick % len(restorable)]
+        b = p.backups[pick % len(p.backups)]
+        p.state = load(b.store)
+        p.store = b.store
+        p.results, p.tasks = dict(b.results), list(b.tasks)
+        p.served, p.outcomes = set(b.served), set(b.outcomes)
+        p.calls.clear()
+        p.high.clear()
+        self.dead.update(m.serial for m in self._in_flight() if m.sender == p.name)
+        # Colliding vouchers and replies from a forgotten past are expected now.
+        self.misled.update(NAMES)
+        assert self.record is not None
+        self.behind[p.name].clear()
+        self._input(p.name, LedgerUpdate(self.record))
+        p.restored_periods.add(p.state.period)
+        p.amnesiac_since = self.serial
+        self._command(p.name, ActionSync(), None)
+        return self._flush()
+
+    def _in_flight(self) -> list[InFlight]:
+        return [self.names_to_values[ref.name] for ref in self.bundle("messages")]
+
     @rule(target=messages, name=st.sampled_from(NAMES))
     def sync(self, name: str) -> Any:
         """A (re)connect: the party tells what it holds and re-sends its unanswered payments."""
@@ -538,6 +600,8 @@ class ChannelMachine(RuleBasedStateMachine):
     def close(self, name: str, solo: bool) -> Any:
         """A mutual close (a proposal the peer co-signs), or a solo close on the ledger. Only
         once the period has seen some business, so that most periods have something to close."""
+        if self.parties[name].amnesiac_since is not None:
+            return self._flush()  # restored from an old copy: it syncs before it closes
         s = self.parties[name].state
         refusal: type[PaychanError] | None = None
         if s.phase not in (Phase.OPEN, Phase.CLOSING):
@@ -585,10 +649,15 @@ class ChannelMachine(RuleBasedStateMachine):
 
     def _deliver(self, msg: InFlight) -> ChannelState:
         p = self.parties[msg.recipient]
+        if msg.serial in self.dead:
+            return p.state
         decoded = wire.decode(msg.data)
         known = p.results.get(decoded.payment_id) if isinstance(decoded, Pay) else None
         period = p.state.period
         effects = self._input(msg.recipient, channel.receive(decoded, known))
+        if (isinstance(decoded, Sync) and p.amnesiac_since is not None
+                and msg.serial > p.amnesiac_since and not msg.forged):
+            p.amnesiac_since = None  # the peer told it what it holds of ours, after the restore
         if msg.forged:
             self.misled.add(msg.recipient)
         elif period_of(decoded) == period and msg.recipient not in self.misled:
@@ -631,6 +700,8 @@ class ChannelMachine(RuleBasedStateMachine):
     def tamper(self, msg: InFlight, flips: list[tuple[int, int]]) -> Any:
         """Corrupted bytes: a DecodeError, or a message the recipient answers with a defined
         refusal or takes if it is still valid; never a crash or a broken state."""
+        if msg.serial in self.dead:
+            return self._flush()
         data = bytearray(msg.data)
         for pos, mask in flips:
             data[pos % len(data)] ^= mask
