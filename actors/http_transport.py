@@ -24,6 +24,7 @@ MAX_BODY = MAX_FRAME + 2048  # an envelope: the frame plus the Box's overhead
 MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
+REDIAL_FOR = 300.0  # seconds a peer whose socket broke is redialed with nothing to send
 REPLY_TO = "X-Paychan-Reply-To"
 
 Socket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
@@ -62,6 +63,7 @@ class HttpTransport:
         self._outbound: dict[bytes, Socket] = {}
         self._inbound: dict[bytes, Socket] = {}
         self._gone: set[bytes] = set()
+        self._closing = False
         self._limit: asyncio.Semaphore | None = None
         self.refused = 0
         self.bound_port: int | None = None
@@ -113,6 +115,7 @@ class HttpTransport:
         self._thread.join(timeout=10)
 
     async def _stop(self) -> None:
+        self._closing = True
         for task in self._workers.values():
             task.cancel()
         sockets: list[Socket] = [*self._outbound.values(), *self._inbound.values()]
@@ -171,31 +174,44 @@ class HttpTransport:
         if queue.full():
             queue.get_nowait()  # the oldest goes; sync resends whatever still matters
         queue.put_nowait(envelope)
+        self._wake(peer)
+
+    def _wake(self, peer: bytes) -> None:
         worker = self._workers.get(peer)
         if worker is None or worker.done():
             self._workers[peer] = self._loop.create_task(self._drain(peer))
 
     async def _drain(self, peer: bytes) -> None:
         """Stream a peer's queue in order over one WebSocket; while the peer is away, retry
-        with backoff, and once it is back let the node sync what may have been lost."""
-        queue = self._queues[peer]
-        delay = 0.1
-        while not queue.empty():
+        with backoff, and once it is back let the node sync what may have been lost.
+
+        A peer whose socket broke is redialed even with nothing to send: the frames written
+        into that socket may be lost (a payment, or its answer, to a process that was killed),
+        and when neither side has anything new to say only the sync on return finds them.
+        With nothing queued we give up after REDIAL_FOR; the next send dials again."""
+        queue = self._queues.setdefault(peer, asyncio.Queue(MAX_QUEUED))
+        delay, since = 0.1, self._loop.time()
+        while not queue.empty() or peer in self._gone:
             try:
                 ws = await self._socket(peer)
                 while not queue.empty():
                     await ws.send_bytes(queue.get_nowait())
-                delay = 0.1
+                delay, since = 0.1, self._loop.time()
             except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
                 self._gone.add(peer)
+                if queue.empty() and self._loop.time() - since > REDIAL_FOR:
+                    log.info("peer %s at %s still unreachable; redial stops until the next "
+                             "send", peer.hex()[:12], self._urls.get(peer))
+                    return
                 log.info("peer %s at %s unreachable (%s); retry in %.1f s", peer.hex()[:12],
                          self._urls.get(peer), exc or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if peer in self._gone and self.on_reconnect is not None:
+            if peer in self._gone:
                 self._gone.discard(peer)
-                self.on_reconnect(peer)  # back after a gap: sync resends what was missed
+                if self.on_reconnect is not None:
+                    self.on_reconnect(peer)  # back after a gap: sync resends what was missed
 
     async def _socket(self, peer: bytes) -> Socket:
         """An open socket to `peer`: ours to its URL, else the one it opened to us."""
@@ -236,6 +252,8 @@ class HttpTransport:
                 break
         if peer is not None:
             self._gone.add(peer)
+            if not self._closing and peer in self._urls:
+                self._wake(peer)  # redial it: frames in the broken socket may be lost
 
     def fetch_info(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
         """GET url/info from a caller's thread; clear errors for refused or untrusted peers."""
