@@ -260,7 +260,7 @@ class Node:
                 self._core.wait_for(cid, lambda s: not s.outgoing, mutual_timeout)
             except errors.Timeout:
                 self._core_log("payments still await answers; closing solo without them")
-            self._core.ask(cid, machine.ActionCloseSolo())
+            self._core.ask(cid, machine.ActionCloseSolo(force=True))
         if wait:
             limit = timeout if timeout is not None else start.params.dispute_period + 60.0
             self._core.wait_for(cid, settled, limit)

@@ -222,7 +222,10 @@ class ActionCloseMutual:
 
 @dataclass(frozen=True, slots=True)
 class ActionCloseSolo:
-    pass
+    """`force`: close even while our payments await answers. A refund reaching us after our
+    close cannot be shown to the ledger (DESIGN §5 lets only the peer's confirm admit it)."""
+
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,6 +737,9 @@ def _close_solo(s: ChannelState, a: ActionCloseSolo, now: int,
                 key: Identity) -> tuple[ChannelState, Effects]:
     if s.ledger_close is not None:
         raise NotAllowedAtState("a close is already in progress on the ledger")
+    if s.outgoing and not a.force:
+        raise NotAllowedAtState(f"{len(s.outgoing)} payments await answers whose refunds would "
+                                "not count after the close; wait for them or force the close")
     s2 = replace(s, phase=Phase.CLOSING)
     return s2, [SubmitCloseSolo(s.period, s.my_sent, s.peer_voucher),
                 NotifyEvent("channel_closing", {"mutual": False})]

@@ -596,8 +596,9 @@ class ChannelMachine(RuleBasedStateMachine):
         return self._flush()
 
     @precondition(lambda self: self.pays_this_period >= 2)
-    @rule(target=messages, name=st.sampled_from(NAMES), solo=st.booleans())
-    def close(self, name: str, solo: bool) -> Any:
+    @rule(target=messages, name=st.sampled_from(NAMES), solo=st.booleans(),
+          force=st.booleans())
+    def close(self, name: str, solo: bool, force: bool) -> Any:
         """A mutual close (a proposal the peer co-signs), or a solo close on the ledger. Only
         once the period has seen some business, so that most periods have something to close."""
         if self.parties[name].amnesiac_since is not None:
@@ -608,10 +609,12 @@ class ChannelMachine(RuleBasedStateMachine):
             refusal = LocalProtocolError
         elif solo and s.ledger_close is not None:
             refusal = NotAllowedAtState
+        elif solo and s.outgoing and not force:
+            refusal = NotAllowedAtState  # answers in flight may carry refunds
         elif not solo and s.mutual is None and (s.outgoing or s.serving or s.credit):
             # Figures signed now could charge for a call that has not finished.
             refusal = NotAllowedAtState
-        self._command(name, ActionCloseSolo() if solo else ActionCloseMutual(), refusal)
+        self._command(name, ActionCloseSolo(force) if solo else ActionCloseMutual(), refusal)
         return self._flush()
 
     # --- time and the watchers ---------------------------------------------------------------

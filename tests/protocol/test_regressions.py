@@ -31,7 +31,12 @@ from paychan.protocol.channel import (
     SubmitFraudProof,
 )
 from paychan.protocol.contract import ChannelRecord, Payouts
-from paychan.protocol.errors import HandlerError, InsufficientBalance, PaychanError
+from paychan.protocol.errors import (
+    HandlerError,
+    InsufficientBalance,
+    NotAllowedAtState,
+    PaychanError,
+)
 from paychan.protocol.identity import Identity
 from paychan.protocol.wire import ChannelParams, Pay, Sync, Voucher
 
@@ -180,24 +185,26 @@ def test_fraud_evidence_that_arrives_after_the_close_is_used() -> None:
     assert pair.paid == {"A": 0, "B": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DESIGN §5 gives a solo closer no way to put on the ledger a voucher that reaches it after "
-    "its close: only the peer's confirm can admit it, and a peer may withhold or lowball it"))
-def test_a_solo_closer_is_paid_a_refund_that_reaches_it_after_its_close() -> None:
+def test_a_solo_close_waits_for_a_refund_still_on_its_way() -> None:
     """Found as 'honest A holds 1, was paid 0': A paid 1 for a call that failed; the refund
-    was on its way when A closed alone; the peer never admitted it and the window ran out. A
-    held the refund voucher, but the contract only knew the voucher A showed at its close."""
+    was on its way when A closed alone; the peer never admitted it and the window ran out.
+    DESIGN §5 gives a solo closer no way to show the ledger a voucher that reaches it after its
+    close (only the peer's confirm can), so a solo close is refused while answers are awaited,
+    unless forced (a silent peer)."""
     pair = Pair(dep_a=1, dep_b=0)                      # open_channel(dep_a=1, B cheats)
     pair.act("A", ActionPay("A1", 1, "call 1"))        # pay(name='A', amount=1)
     pair.deliver()                                     # deliver: B serves A1
     pair.act("B", ActionHandlerDone("A1", None, FAILED))  # answer(ok=False): refund on its way
-    pair.act("A", ActionCloseSolo())                   # close(name='A', solo=True)
-    pair.tasks["B"].clear()                            # cheater_withholds: no confirm from B
+    with pytest.raises(NotAllowedAtState, match="await answers"):
+        pair.act("A", ActionCloseSolo())               # close(name='A', solo=True): not yet
+    assert pair.state("A").phase is Phase.OPEN
     pair.deliver()                                     # deliver: the refund reaches A
     assert pair.state("A").my_balance == 1
+    pair.act("A", ActionCloseSolo())                   # now the close shows the refund
+    pair.tasks["B"].clear()                            # cheater_withholds: no confirm from B
     pair.advance(1)                                    # advance_time: A's confirm lands
     assert pair.events[-1] == "confirm"
-    assert pair.paid["A"] >= 1
+    assert pair.paid["A"] == 1
 
 
 def test_a_closing_party_never_lowers_what_it_declares_after_a_sync() -> None:
@@ -214,7 +221,7 @@ def test_a_closing_party_never_lowers_what_it_declares_after_a_sync() -> None:
     pair.act("B", ActionSync())                        # sync(name='B'): yours = A's nonce 2
     sync = pair.in_flight.pop()
     pair.act("A", ActionPay("A1", 8, "call"))          # pay(name='A', amount=8)
-    pair.act("A", ActionCloseSolo())                   # A closes (a stale close in the run)
+    pair.act("A", ActionCloseSolo(force=True))         # A closes (a stale close in the run)
     assert pair.state("A").phase is Phase.CLOSING
     pair.in_flight.append(sync)
     pair.deliver(-1)                                   # the sync reaches the closing A
