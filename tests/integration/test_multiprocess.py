@@ -29,6 +29,7 @@ from typing import TypeVar
 import pytest
 
 import paychan
+from paychan.protocol.identity import decode_channel_id
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = Path(__file__).with_name("mp_node.py")
@@ -388,6 +389,51 @@ def no_problems(*nodes: NodeProc) -> None:
 
 # -- the tests --------------------------------------------------------------------------------
 
+def test_three_processes_pay_both_ways_then_close_mutually_and_solo(world):
+    started = time.monotonic()
+    world.start_ledger()
+    a, b = world.node("a"), world.node("b")
+    ch = open_channel(a, b, 10_000, 8_000, dispute=100)
+
+    storm(a, ch, "a1", 3, n=150)  # both directions at once, each in its own process
+    storm(b, ch, "b1", 2, n=120)
+    a.wait_line("STORMED a1", 0, 90, fail="ERR")
+    b.wait_line("STORMED b1", 0, 90, fail="ERR")
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == check_storm(a, "a1", 150) == 450 == sb["sent_by_peer"]
+    assert sb["sent_by_me"] == check_storm(b, "b1", 120) == 240 == sa["sent_by_peer"]
+    assert sa["my_balance"] == 10_000 - 450 + 240 and sb["my_balance"] == 8_000 + 450 - 240
+    close_and_check(world, a, b, ch)
+    assert world.balance(a) == MINT - 450 + 240 and world.balance(b) == MINT + 450 - 240
+
+    # A second channel, the other way round, closed solo while its peer is away.
+    ch2 = open_channel(b, a, 5_000, 1_000, dispute=100)
+    storm(b, ch2, "b2", 5, n=20)
+    storm(a, ch2, "a2", 1, n=10)
+    b.wait_line("STORMED b2", 0, 60, fail="ERR")
+    a.wait_line("STORMED a2", 0, 60, fail="ERR")
+    sb, sa = agree(b, a, ch2)
+    assert (sb["sent_by_me"], sa["sent_by_me"]) == (100, 10)
+    a.quit()
+    before = world.balance(a), world.balance(b)
+    at = b.send(f"close {ch2} solo")
+    assert world.admin is not None
+    record = lambda: world.admin.client.channel(decode_channel_id(ch2))  # noqa: E731
+    wait_until(lambda: record().close is not None, 30, "the solo close lands")
+    time.sleep(1.0)  # the closer's watcher looks and finds the window still open
+    assert record().period == 1 and (world.balance(a), world.balance(b)) == before
+    world.admin.advance(101)
+    b.wait_line(f"CLOSED {ch2} ", at, 60, fail="ERR close")
+    paid = world.balance(a) - before[0], world.balance(b) - before[1]
+    assert paid == (sa["my_balance"], sb["my_balance"]) == (1_000 - 10 + 100, 5_000 - 100 + 10)
+    a.start()  # back: it catches up with the settlement it missed
+    wait_until(lambda: a.balances(ch2)["period"] == 2, 30, "a sees the solo settlement")
+    conserved(world, a, b)
+    no_problems(a, b)
+    print(f"two channels, 300 payments both ways, mutual and solo closes: "
+          f"{time.monotonic() - started:.1f} s")
+
+
 def kill_node_mid_storm(world: World, rng: random.Random, victim_is_payer: bool,
                         kills: int, hub: bool = False) -> None:
     started = time.monotonic()
@@ -428,3 +474,123 @@ def kill_node_mid_storm(world: World, rng: random.Random, victim_is_payer: bool,
 
 def test_payee_killed_mid_storm(world, rng):
     kill_node_mid_storm(world, rng, victim_is_payer=False, kills=10)
+
+
+def test_payer_killed_mid_storm(world, rng):
+    kill_node_mid_storm(world, rng, victim_is_payer=True, kills=10)
+
+
+def test_payee_killed_mid_storm_through_the_hub(world, rng):
+    kill_node_mid_storm(world, rng, victim_is_payer=False, kills=10, hub=True)
+
+
+def test_ledger_killed_while_nodes_pay(world, rng):
+    started = time.monotonic()
+    world.start_ledger()
+    a, b = world.node("a"), world.node("b")
+    ch = open_channel(a, b, 50_000, 20_000)
+    storm(a, ch, "a", 2)
+    storm(b, ch, "b", 1)
+    assert world.ledger is not None
+    kills, while_down, deposited = 5, 0, 0
+    for k in range(kills):
+        wait_progress(a, "a", 3)
+        wait_progress(b, "b", 3)
+        deposit_at = None
+        if k in (1, 3):  # a deposit whose ledger transaction meets the kill
+            deposit_at = b.send(f"deposit {ch} 500")
+            b.wait_line(f"DEPOSITING {ch}", deposit_at, 30, fail="ERR deposit")
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:
+            time.sleep(rng.uniform(0.0, 0.3))
+        world.ledger.kill()
+        acks_at_kill = a.count("ACK ") + b.count("ACK ")
+        time.sleep(rng.uniform(0.3, 1.0))
+        while_down += a.count("ACK ") + b.count("ACK ") - acks_at_kill
+        world.ledger.start()
+        if deposit_at is not None:  # the watcher's retries land it after the restart
+            b.wait_line(f"DEPOSITED {ch}", deposit_at, 60, fail="ERR deposit")
+            deposited += 500
+    wait_progress(a, "a", 3)
+    wait_progress(b, "b", 3)
+    # Payments are off the ledger: they went on while it was away.
+    assert while_down > 0
+    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
+    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    assert sa["deposited_by_peer"] == 20_000 + deposited == sb["deposited_by_me"]
+    close_and_check(world, a, b, ch)
+    conserved(world, a, b)
+    no_problems(a, b)
+    print(f"{kills} kills of the ledger: {stopped_a} + {stopped_b} payments, {while_down} "
+          f"while it was down, {deposited} deposited across kills, "
+          f"{time.monotonic() - started:.1f} s")
+
+
+def test_hub_killed_mid_storm(world, rng):
+    started = time.monotonic()
+    world.start_ledger()
+    world.start_hub()
+    a, b = world.node("a", listen=False, hub=True), world.node("b", listen=False, hub=True)
+    ch = open_channel(a, b, 50_000, 20_000)
+    storm(a, ch, "a", 2)
+    storm(b, ch, "b", 1)
+    assert world.hub is not None
+    kills, waits = 5, []
+    for k in range(kills):
+        wait_progress(a, "a", 3)
+        wait_progress(b, "b", 3)
+        # A free message is never resent by sync: only the hub's queue can deliver it.
+        a.cmd(f"message {ch} m{k}", f"SENT {ch}")
+        time.sleep(rng.uniform(0.0, 0.3))
+        world.hub.kill()
+        time.sleep(rng.uniform(0.0, 0.5))
+        world.hub.start()
+        waits.append(max(resumed(a, "a"), resumed(b, "b")))
+    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
+    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    assert a.count("RETRY ") == 0 == b.count("RETRY ")
+    wait_until(lambda: all(b.count(f'MSG {ch} "m{k}"') for k in range(kills)), 30,
+               "every message reaches b")
+    close_and_check(world, a, b, ch)
+    conserved(world, a, b)
+    no_problems(a, b)
+    print(f"{kills} kills of the hub: {stopped_a} + {stopped_b} payments, the storms moved "
+          f"again {max(waits):.2f} s at most after a restart, {time.monotonic() - started:.1f} s")
+
+
+def test_chat_reaches_a_node_that_was_offline_across_a_hub_restart(world):
+    started = time.monotonic()
+    world.start_ledger()
+    world.start_hub()
+    a, b = world.node("a", listen=False, hub=True), world.node("b", listen=False, hub=True)
+    ch = open_channel(a, b, 5_000, 0)
+    a.cmd(f"pay {ch} 5 first 20 hello", "PAID first ")
+    b.quit()  # offline: its process is gone
+
+    a.cmd(f"message {ch} while you were away", f"SENT {ch}")
+    paid_at = a.send(f"pay {ch} 7 offline-1 120 paid while away")  # one call, never retried
+    wait_until(lambda: a.cmd("pending", "PENDING ") == "PENDING 0", 30,
+               "the hub stores both envelopes")
+    assert world.hub is not None
+    world.hub.kill()  # the queued envelopes are only on the hub's disk now
+    world.hub.start()
+    time.sleep(0.5)
+    assert a.count("PAID offline-1") == 0  # nobody could answer yet
+
+    msg_at = b.mark()
+    b.start()
+    line = a.wait_line("PAID offline-1 ", paid_at, 60, fail="ERR pay")
+    assert json.loads(line.split(" ", 2)[2]) == {"echo": "paid while away", "amount": 7}
+    # The free message too, though the hub delivers it while b's Node.open is still running,
+    # before the application can register its callback (which then hears it, per Node.on).
+    b.wait_line(f'MSG {ch} "while you were away"', msg_at, 20, this_run=True)
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == 12 == sb["sent_by_peer"]
+    close_and_check(world, a, b, ch)
+    conserved(world, a, b)
+    no_problems(a, b)
+    print(f"offline delivery across a hub restart: {time.monotonic() - started:.1f} s")
