@@ -537,7 +537,7 @@ class NodeCore:
         self.supervisor.stop_all()
         self._events.put(None)
         self._dispatcher.join(timeout=5)
-        for fut in self.waiters.values():
+        for fut in list(self.waiters.values()):  # a failed future leaves the dict
             if not fut.done():
                 fut.set_exception(Rejected("node closed"))
         self.store.close()
