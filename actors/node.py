@@ -46,7 +46,7 @@ log = logging.getLogger("paychan.node")
 
 KV = "kv"
 UNHEARD_KEPT = 256  # per event name, for a callback registered after the event
-FREQUENT_EVENTS = frozenset({"payment_received", "message"})
+FREQUENT_EVENTS = frozenset({"payment_received"})
 _REPLAY: dict[str, Any] = {"event": "_replay"}  # wakes the dispatcher for a backlog
 _SEED = b"identity_seed"
 _HEIGHT = b"ledger_height"
@@ -448,14 +448,14 @@ class NodeCore:
                 self.tell(cid, LedgerUpdate(rec, "reconcile"))
 
     def _sync_all(self) -> None:
-        """On (re)start, exchange sync with every peer so in-flight payments resolve."""
+        """On (re)start, exchange sync with every peer: in-flight payments resolve, and the peer
+        resends what it sent us while we were down (it may not know we are back)."""
         for cid in self.channel_ids():
             record = load_record(self, cid)
             if record is None:
                 continue
             state = record[0]
-            if state.phase in (Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING) and (
-                    state.outgoing or state.serving or state.postponed):
+            if state.phase in (Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING):
                 self.tell(cid, machine.ActionSync())
             elif state.phase is Phase.AWAITING_ACCEPT:
                 self.send(state.peer, encode(OpenPropose(cid, state.params, state.open_deposit)))
