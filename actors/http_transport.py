@@ -63,6 +63,7 @@ class HttpTransport:
         self._outbound: dict[bytes, Socket] = {}
         self._inbound: dict[bytes, Socket] = {}
         self._gone: set[bytes] = set()
+        self._sockets: set[Socket] = set()  # every open socket, the peer known or not yet
         self._closing = False
         self._limit: asyncio.Semaphore | None = None
         self.refused = 0
@@ -118,8 +119,7 @@ class HttpTransport:
         self._closing = True
         for task in self._workers.values():
             task.cancel()
-        sockets: list[Socket] = [*self._outbound.values(), *self._inbound.values()]
-        for ws in sockets:
+        for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -133,6 +133,10 @@ class HttpTransport:
     async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30)
         await ws.prepare(request)
+        if self._closing:  # a peer redialing us as we stop: the runner would wait for it
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
+            return ws
+        self._sockets.add(ws)
         await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
         return ws
 
@@ -226,6 +230,7 @@ class HttpTransport:
         ws_out = await self._session.ws_connect(url + "/ws", headers=headers, heartbeat=30,
                                                 max_msg_size=MAX_BODY)
         self._outbound[peer] = ws_out
+        self._sockets.add(ws_out)
         self._loop.create_task(self._read(ws_out, peer, None))
         return ws_out
 
@@ -250,6 +255,7 @@ class HttpTransport:
             if strikes >= MAX_STRIKES:
                 await ws.close(code=4002, message=b"too many refused frames")
                 break
+        self._sockets.discard(ws)
         if peer is not None:
             self._gone.add(peer)
             if not self._closing and peer in self._urls:

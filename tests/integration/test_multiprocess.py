@@ -38,6 +38,7 @@ READY_TIMEOUT = 30.0
 P = TypeVar("P", bound="Proc")
 STORM_TIMEOUT = 30.0  # seconds a storm's call waits before it retries the same payment id
 RESUME_WITHIN = 15.0  # seconds after a restart by which a storm must have moved again
+STOP_WITHIN = 5.0  # seconds a node takes to stop cleanly, though its peer redials it at once
 
 
 def free_port() -> int:
@@ -194,6 +195,8 @@ class NodeProc(Proc):
         return json.loads(self.cmd(f"balances {ch}", f"BALANCES {ch} ", 30).split(" ", 2)[2])
 
     def quit(self, timeout: float = 30.0) -> None:
+        """Stop cleanly (Node.stop), promptly, with exit code 0."""
+        started = time.monotonic()
         self.send("quit")
         assert self.proc is not None
         try:
@@ -202,9 +205,11 @@ class NodeProc(Proc):
             self.kill()
             raise AssertionError(f"{self.name} did not stop in {timeout} s{self.tail()}") \
                 from None
+        took = time.monotonic() - started
         self._reap()
         assert self.proc.returncode == 0, f"{self.name} exited {self.proc.returncode}" + \
             self.tail()
+        assert took < STOP_WITHIN, f"{self.name} took {took:.1f} s to stop{self.tail()}"
 
     # -- what its storms printed, across all its runs --------------------------------------
     def count(self, prefix: str) -> int:
