@@ -2,8 +2,9 @@
 
 Every node is mp_node.py, driven by lines on its stdin; the ledger is `paychan ledger serve
 --virtual-clock` and the hub `paychan hub serve`. Processes are SIGKILLed at random moments of
-a payment storm and restarted on the same data folder and port; at the end every acknowledged
-payment must be counted exactly once by both sides and the ledger must pay out the deposits.
+a payment storm and restarted on the same data folder and port, or the connections between
+two nodes are cut through a relay (CutProxy); at the end every acknowledged payment must be
+counted exactly once by both sides and the ledger must pay out the deposits.
 PAYCHAN_MP_SEED replays a run's kill moments (the seed is printed); PAYCHAN_MP_LOG=INFO makes
 the nodes log more (their logs are next to their data folders).
 
@@ -13,6 +14,7 @@ between the two nodes, not by the payer's retry.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -234,6 +236,63 @@ class NodeProc(Proc):
             return [x for x in self.lines if x.startswith(("PAYERR", "BADREPLY", "ERR"))]
 
 
+class CutProxy:
+    """A TCP relay on loopback whose connections the test cuts: for a moment it swallows
+    what passes (the frames in flight are lost, as in a network failure), then it closes
+    every connection. New connections are relayed again at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.conns: set[socket.socket] = set()
+        self.swallow = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.swallow:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self, swallow_for: float) -> None:
+        self.swallow = True
+        time.sleep(swallow_for)
+        with self.lock:
+            conns, self.conns = self.conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.swallow = False
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut(0)
+
+
 class World:
     """The processes of one test; every one still alive is killed at teardown."""
 
@@ -243,6 +302,7 @@ class World:
         self.admin: paychan.Ledger | None = None
         self.ledger: Proc | None = None
         self.hub: Proc | None = None
+        self.proxies: list[CutProxy] = []
 
     def start_ledger(self) -> str:
         port = free_port()
@@ -281,7 +341,15 @@ class World:
         assert self.admin is not None
         return self.admin.balance(node.address)
 
+    def proxy(self, node: NodeProc) -> CutProxy:
+        assert node.url is not None
+        proxy = CutProxy(int(node.url.rsplit(":", 1)[1]))
+        self.proxies.append(proxy)
+        return proxy
+
     def teardown(self) -> None:
+        for proxy in self.proxies:
+            proxy.close()
         for proc in reversed(self.procs):
             if proc.alive():
                 proc.kill()
@@ -299,10 +367,10 @@ def world(tmp_path: Path):
 # -- building blocks --------------------------------------------------------------------------
 
 def open_channel(payer: NodeProc, payee: NodeProc, deposit: int, peer_deposit: int,
-                 dispute: int = 600) -> str:
-    """`payer` opens a channel to `payee` (by URL, or pairing code through the hub); the payee
-    deposits too; returns once the payer has seen the payee's deposit."""
-    peer = payee.url or payee.pairing
+                 dispute: int = 600, via: str | None = None) -> str:
+    """`payer` opens a channel to `payee` (by URL, `via` another URL, or by pairing code
+    through the hub); the payee deposits too; returns once the payer has seen that deposit."""
+    peer = via or payee.url or payee.pairing
     ch = payer.cmd(f"open {peer} {deposit} {dispute}", "OPENED ").split()[1]
     if peer_deposit:
         payee.cmd(f"deposit {ch} {peer_deposit}", f"DEPOSITED {ch}")
@@ -348,16 +416,16 @@ def wait_progress(payer: NodeProc, prefix: str, more: int, timeout: float = 45.0
 
 
 def resumed(payer: NodeProc, prefix: str) -> float:
-    """Seconds until the storm `prefix` acknowledges a payment again, after a restart. Its
-    payment in flight may have been lost with a killed process; the retry comes only after
-    STORM_TIMEOUT, so within RESUME_WITHIN only a sync can have resolved it."""
+    """Seconds until the storm `prefix` acknowledges a payment again, after a fault (a kill
+    and restart, a cut connection). Its payment in flight may have been lost with it; the
+    retry comes only after STORM_TIMEOUT, so within RESUME_WITHIN only a sync can resolve it."""
     started = time.monotonic()
     pid = f"{prefix}-{len(payer.acks(prefix))}"
     try:
         wait_progress(payer, prefix, 1, RESUME_WITHIN)
     except AssertionError:
-        raise AssertionError(f"payment {pid}, in flight at the kill, was not resolved by sync "
-                             f"within {RESUME_WITHIN} s after the restart") from None
+        raise AssertionError(f"payment {pid}, in flight at the fault, was not resolved by sync "
+                             f"within {RESUME_WITHIN} s after it") from None
     return time.monotonic() - started
 
 
@@ -487,6 +555,37 @@ def test_payer_killed_mid_storm(world, rng):
 
 def test_payee_killed_mid_storm_through_the_hub(world, rng):
     kill_node_mid_storm(world, rng, victim_is_payer=False, kills=10, hub=True)
+
+
+def test_connections_cut_mid_storm(world, rng):
+    """The network fails, not a process: the connections between the nodes are cut at random
+    moments of storms both ways, and what was in flight is lost. Each payment cut short is
+    resolved by the sync once the nodes reconnect, though neither has anything new to send."""
+    started = time.monotonic()
+    world.start_ledger()
+    a, b = world.node("a"), world.node("b")
+    proxy = world.proxy(b)  # a reaches b through it; b answers over a's sockets or directly
+    ch = open_channel(a, b, 200_000, 100_000, via=proxy.url)
+    storm(a, ch, "a", 3)
+    storm(b, ch, "b", 2)
+    cuts, waits = 10, []
+    for _ in range(cuts):
+        wait_progress(a, "a", 3)
+        wait_progress(b, "b", 3)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proxy.cut(swallow_for=rng.uniform(0.05, 0.3))
+        waits.append(max(resumed(a, "a"), resumed(b, "b")))
+    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
+    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    assert a.count("RETRY ") == 0 == b.count("RETRY ")
+    close_and_check(world, a, b, ch)
+    conserved(world, a, b)
+    no_problems(a, b)
+    print(f"{cuts} cuts of the connections: {stopped_a} + {stopped_b} payments, the storms "
+          f"moved again {max(waits):.2f} s at most after a cut, "
+          f"{time.monotonic() - started:.1f} s")
 
 
 def test_ledger_killed_while_nodes_pay(world, rng):
