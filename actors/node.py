@@ -458,7 +458,11 @@ class NodeCore:
             if state.phase in (Phase.OPEN, Phase.CLOSING, Phase.AWAITING_FUNDING):
                 self.tell(cid, machine.ActionSync())
             elif state.phase is Phase.AWAITING_ACCEPT:
-                self.send(state.peer, encode(OpenPropose(cid, state.params, state.open_deposit)))
+                self.resend_open(cid)
+
+    def resend_open(self, channel_id: bytes) -> None:
+        state = self.state(channel_id)
+        self.send(state.peer, encode(OpenPropose(channel_id, state.params, state.open_deposit)))
 
     def sync(self, channel_id: bytes) -> None:
         self.tell(channel_id, machine.ActionSync())

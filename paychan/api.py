@@ -156,9 +156,20 @@ class Node:
                                self._core.ledger.network_id)
         state, effects = machine.initiate(params, self._core.identity.public, amount)
         self._core.start_channel(state, effects)
-        self._core.wait_for(params.channel_id, lambda s: s.phase is not Phase.AWAITING_ACCEPT
-                            and s.phase is not Phase.AWAITING_FUNDING, timeout)
-        st = self._core.state(params.channel_id)
+        cid = params.channel_id
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._core.wait_for(cid, lambda s: s.phase not in (
+                    Phase.AWAITING_ACCEPT, Phase.AWAITING_FUNDING),
+                    max(0.0, min(1.0, deadline - time.monotonic())))
+                break
+            except errors.Timeout:
+                if time.monotonic() >= deadline:
+                    raise
+                if self._core.state(cid).phase is Phase.AWAITING_ACCEPT:
+                    self._core.resend_open(cid)  # the proposal or its answer may be lost
+        st = self._core.state(cid)
         if st.phase is Phase.REJECTED:
             raise NotAllowedAtState("the peer rejected the channel")
         return machine_channel_text(params.channel_id)
