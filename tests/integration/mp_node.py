@@ -54,8 +54,9 @@ _out = threading.Lock()
 
 def say(line: str) -> None:
     data = (line + "\n").encode()
-    with _out:  # one write per line: a kill cuts at most the line being written
-        os.write(1, data)
+    with _out:  # whole lines, unbuffered: a kill cuts at most the line being written
+        while data:
+            data = data[os.write(1, data):]
 
 
 def as_json(obj: Any) -> str:

@@ -85,6 +85,7 @@ class Proc:
         """Start a run and return its ready line."""
         assert not self.alive(), f"{self.name} is already running"
         self.starts += 1
+        at = self.mark()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
@@ -92,7 +93,7 @@ class Proc:
             self._eof = False
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
-        return self.wait_line(self.ready, self.mark(), READY_TIMEOUT, this_run=True)
+        return self.wait_line(self.ready, at, READY_TIMEOUT, this_run=True)
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
@@ -141,7 +142,8 @@ class Proc:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self._reap()
-        assert self.proc.returncode == -signal.SIGKILL, (self.name, self.proc.returncode)
+        assert self.proc.returncode == -signal.SIGKILL, \
+            f"{self.name} had exited by itself ({self.proc.returncode}){self.tail()}"
 
     def _reap(self, timeout: float = 15.0) -> None:
         assert self.proc is not None
@@ -237,16 +239,16 @@ class NodeProc(Proc):
 
 
 class CutProxy:
-    """A TCP relay on loopback whose connections the test cuts: for a moment it swallows
-    what passes (the frames in flight are lost, as in a network failure), then it closes
-    every connection. New connections are relayed again at once."""
+    """A TCP relay on loopback whose connections the test cuts, as a network failure would:
+    for a moment the connections of that time swallow what passes (the frames in flight are
+    lost), then they are closed. Connections made meanwhile are relayed as usual."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.conns: set[socket.socket] = set()
-        self.swallow = False
+        self.doomed: set[socket.socket] = set()  # swallowing until the cut closes them
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -258,6 +260,7 @@ class CutProxy:
                 return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
@@ -269,7 +272,7 @@ class CutProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                if not self.swallow:
+                if src not in self.doomed:
                     dst.sendall(data)
         except OSError:
             pass
@@ -278,15 +281,16 @@ class CutProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
     def cut(self, swallow_for: float) -> None:
-        self.swallow = True
-        time.sleep(swallow_for)
         with self.lock:
-            conns, self.conns = self.conns, set()
-        for s in conns:
+            doomed, self.conns = self.conns, set()
+            self.doomed |= doomed
+        time.sleep(swallow_for)
+        for s in doomed:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
-        self.swallow = False
+        with self.lock:
+            self.doomed -= doomed
 
     def close(self) -> None:
         self.server.close()
@@ -563,8 +567,11 @@ def test_connections_cut_mid_storm(world, rng):
     resolved by the sync once the nodes reconnect, though neither has anything new to send."""
     started = time.monotonic()
     world.start_ledger()
-    a, b = world.node("a"), world.node("b")
-    proxy = world.proxy(b)  # a reaches b through it; b answers over a's sockets or directly
+    # a does not listen: it dials b through the relay, and b answers over that connection,
+    # so everything between them passes the relay (with a URL of its own, a would be dialed
+    # back directly).
+    a, b = world.node("a", listen=False), world.node("b")
+    proxy = world.proxy(b)
     ch = open_channel(a, b, 200_000, 100_000, via=proxy.url)
     storm(a, ch, "a", 3)
     storm(b, ch, "b", 2)
