@@ -464,6 +464,21 @@ def no_problems(*nodes: NodeProc) -> None:
         assert node.problems() == [], (node.name, node.problems()[:10])
 
 
+def finish_both_ways(world: World, a: NodeProc, b: NodeProc, ch: str
+                     ) -> tuple[int, int, dict, dict]:
+    """Halt the storms "a" (a's) and "b" (b's); each acknowledged payment is counted once on
+    both sides; close mutually and check the payouts. Returns how many payments each storm
+    made and both sides' balances before the close."""
+    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
+    sa, sb = agree(a, b, ch)
+    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
+    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    close_and_check(world, a, b, ch)
+    conserved(world, a, b)
+    no_problems(a, b)
+    return stopped_a, stopped_b, sa, sb
+
+
 # -- the tests --------------------------------------------------------------------------------
 
 def test_three_processes_pay_both_ways_then_close_mutually_and_solo(world):
@@ -582,14 +597,8 @@ def test_connections_cut_mid_storm(world, rng):
         time.sleep(rng.uniform(0.0, 0.3))
         proxy.cut(swallow_for=rng.uniform(0.05, 0.3))
         waits.append(max(resumed(a, "a"), resumed(b, "b")))
-    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
-    sa, sb = agree(a, b, ch)
-    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
-    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    stopped_a, stopped_b, _, _ = finish_both_ways(world, a, b, ch)
     assert a.count("RETRY ") == 0 == b.count("RETRY ")
-    close_and_check(world, a, b, ch)
-    conserved(world, a, b)
-    no_problems(a, b)
     print(f"{cuts} cuts of the connections: {stopped_a} + {stopped_b} payments, the storms "
           f"moved again {max(waits):.2f} s at most after a cut, "
           f"{time.monotonic() - started:.1f} s")
@@ -626,14 +635,8 @@ def test_ledger_killed_while_nodes_pay(world, rng):
     wait_progress(b, "b", 3)
     # Payments are off the ledger: they went on while it was away.
     assert while_down > 0
-    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
-    sa, sb = agree(a, b, ch)
-    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
-    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    stopped_a, stopped_b, sa, sb = finish_both_ways(world, a, b, ch)
     assert sa["deposited_by_peer"] == 20_000 + deposited == sb["deposited_by_me"]
-    close_and_check(world, a, b, ch)
-    conserved(world, a, b)
-    no_problems(a, b)
     print(f"{kills} kills of the ledger: {stopped_a} + {stopped_b} payments, {while_down} "
           f"while it was down, {deposited} deposited across kills, "
           f"{time.monotonic() - started:.1f} s")
@@ -659,16 +662,10 @@ def test_hub_killed_mid_storm(world, rng):
         time.sleep(rng.uniform(0.0, 0.5))
         world.hub.start()
         waits.append(max(resumed(a, "a"), resumed(b, "b")))
-    stopped_a, stopped_b = halt(a, "a"), halt(b, "b")
-    sa, sb = agree(a, b, ch)
-    assert sa["sent_by_me"] == check_storm(a, "a", stopped_a) == sb["sent_by_peer"]
-    assert sb["sent_by_me"] == check_storm(b, "b", stopped_b) == sa["sent_by_peer"]
+    stopped_a, stopped_b, _, _ = finish_both_ways(world, a, b, ch)
     assert a.count("RETRY ") == 0 == b.count("RETRY ")
     wait_until(lambda: all(b.count(f'MSG {ch} "m{k}"') for k in range(kills)), 30,
                "every message reaches b")
-    close_and_check(world, a, b, ch)
-    conserved(world, a, b)
-    no_problems(a, b)
     print(f"{kills} kills of the hub: {stopped_a} + {stopped_b} payments, the storms moved "
           f"again {max(waits):.2f} s at most after a restart, {time.monotonic() - started:.1f} s")
 
