@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from paychan.protocol.errors import PaychanError
 from paychan.protocol.identity import encode_channel_id
 from paychan.protocol.tx import make_tx
-from paychan.storage.keys import unpack
+from paychan.storage.keys import pack, unpack
 from paychan.storage.writer import Delete, Put
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ class Watcher:
         return [unpack(v) for _, v in self.core.store.iter_prefix(TASKS, b"")]
 
     def _run(self) -> None:
-        import time
         while not self._stop.is_set():
             self._wake.wait(self.poll)
             self._wake.clear()
@@ -98,5 +98,4 @@ class Watcher:
 
 
 def _repack(task: dict[str, Any], tries: int) -> bytes:
-    from paychan.storage.keys import pack
     return pack({**task, "tries": tries})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 import uuid
@@ -29,8 +30,11 @@ from paychan.protocol.identity import (
     decode_address,
     decode_channel_id,
     encode_address,
+    encode_channel_id,
 )
 from paychan.protocol.wire import ChannelParams, check_body
+
+log = logging.getLogger("paychan.node")
 
 EVENTS = ("channel_created_by_peer", "payment_received", "channel_open", "deposit_confirmed",
           "channel_closing", "channel_closed", "channel_closed_with_fraud_proof", "message",
@@ -172,7 +176,7 @@ class Node:
         st = self._core.state(cid)
         if st.phase is Phase.REJECTED:
             raise NotAllowedAtState("the peer rejected the channel")
-        return machine_channel_text(params.channel_id)
+        return encode_channel_id(params.channel_id)
 
     def _peer_key(self, peer: Node | str) -> bytes:
         if isinstance(peer, Node):
@@ -237,7 +241,7 @@ class Node:
         out = []
         for cid in self._core.channel_ids():
             if want is None or self._core.state(cid).peer == want:
-                out.append(machine_channel_text(cid))
+                out.append(encode_channel_id(cid))
         return out
 
     def close(self, ch: str, mutual: bool = True, wait: bool = True,
@@ -263,23 +267,19 @@ class Node:
                     reason = exc
                     self._core.sync(cid)  # resend what the peer may lack, then ask again
                     time.sleep(0.1)
-            self._core_log(f"mutual close did not finish ({reason}); closing solo")
+            log.info(f"mutual close did not finish ({reason}); closing solo")
         now = self._core.state(cid)
         if now.ledger_close is None and now.period == start.period:
             # Answers still on their way may carry refunds that only count before our close.
             try:
                 self._core.wait_for(cid, lambda s: not s.outgoing, mutual_timeout)
             except errors.Timeout:
-                self._core_log("payments still await answers; closing solo without them")
+                log.info("payments still await answers; closing solo without them")
             self._core.ask(cid, machine.ActionCloseSolo(force=True))
         if wait:
             limit = timeout if timeout is not None else start.params.dispute_period + 60.0
             self._core.wait_for(cid, settled, limit)
         return {"period": start.period, "mutual": False}
-
-    def _core_log(self, text: str) -> None:
-        import logging
-        logging.getLogger("paychan.node").info(text)
 
     def sync(self, ch: str) -> None:
         self._core.sync(_cid(ch))
@@ -328,11 +328,6 @@ class Node:
 
     async def astop(self) -> None:
         await self._run(self.stop)
-
-
-def machine_channel_text(cid: bytes) -> str:
-    from paychan.protocol.identity import encode_channel_id
-    return encode_channel_id(cid)
 
 
 __all__ = ["EVENTS", "Ledger", "Node", "Payment", "encode_address"]

@@ -15,7 +15,6 @@ from paychan.protocol.errors import (
     LocalProtocolError,
     NotAllowedAtState,
     PaychanError,
-    Rejected,
 )
 from paychan.protocol.identity import Identity, check_amount
 from paychan.protocol.wire import (
@@ -896,13 +895,4 @@ def check_invariants(s: ChannelState) -> None:
         raise InternalError("channel invariant broken: " + "; ".join(problems))
 
 
-def describe_error(err: dict[str, Any] | None) -> str:
-    if err is None:
-        return ""
-    data = err.get("data")
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        return str(data[0].get("message", err.get("message")))
-    return str(err.get("message"))
-
-
-__all__ = ["ChannelState", "Phase", "Rejected", "initiate", "receive", "respond", "step"]
+__all__ = ["ChannelState", "Phase", "initiate", "receive", "respond", "step"]
