@@ -1,21 +1,22 @@
 """The channel actor: sole owner of one channel's state; steps the machine, commits, then acts."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pykka
-
+from paychan.actors.inline import InlineActor
 from paychan.protocol import channel as machine
 from paychan.protocol.channel import ChannelState, LedgerUpdate, ReceivePay
 from paychan.protocol.errors import InternalError, NotFound, PaychanError
 from paychan.protocol.identity import encode_channel_id
 from paychan.protocol.wire import PayResult, decode, encode
 from paychan.storage.keys import pack, unpack
-from paychan.storage.writer import Delete, Put
+from paychan.storage.writer import Chain, Delete, Put
 
 if TYPE_CHECKING:
     from paychan.actors.node import NodeCore
@@ -54,11 +55,15 @@ def payment_key(channel_id: bytes, payment_id: str) -> bytes:
     return channel_id + payment_id.encode("utf-8")
 
 
-def load_record(core: NodeCore, channel_id: bytes) -> tuple[ChannelState, int] | None:
-    """(state, ledger height applied) as committed, or None for an unknown channel."""
-    obj = core.store.get_obj(CHANNELS, channel_id)
-    if obj is None:
+def load_record(core: NodeCore, channel_id: bytes,
+                latest: bool = False) -> tuple[ChannelState, int] | None:
+    """(state, ledger height applied) as committed, or None for an unknown channel. With
+    `latest`, as the channel's actor last decided it, even if not yet durable."""
+    raw = (core.store.get_latest(CHANNELS, channel_id) if latest
+           else core.store.get(CHANNELS, channel_id))
+    if raw is None:
         return None
+    obj = unpack(raw)
     return ChannelState.from_obj(obj[0]), int(obj[1])
 
 
@@ -111,24 +116,48 @@ class ChannelLog(logging.LoggerAdapter):
         return f"{self.extra['channel']}: {msg}", kwargs
 
 
-class ChannelActor(pykka.ThreadingActor):
-    """Runs the pure machine for one channel. Write-ahead: commit, then emit effects."""
+class _CommitFailed(Exception):
+    """Told to the actor when one of its commits failed: its memory is ahead of the store."""
+
+
+class ChannelActor(InlineActor):
+    """Runs the pure machine for one channel. Write-ahead: commit, then emit effects.
+
+    The actor does not wait for its commits: it goes on with its next message while the
+    writer makes the last one durable, and the effects of each step (sends, answers to
+    callers, handler calls) are emitted only once its commit is durable, in order. Its
+    commits form one `Chain`: if one fails, none after it lands, and the actor restarts from
+    the store."""
 
     def __init__(self, core: NodeCore, channel_id: bytes) -> None:
         super().__init__()
         self.core = core
         self.channel_id = channel_id
-        self.log = ChannelLog(logging.getLogger("paychan.channel"),
-                              {"channel": encode_channel_id(channel_id)})
+        name = encode_channel_id(channel_id)
+        self.log = ChannelLog(logging.getLogger("paychan.channel"), {"channel": name})
         self.state: ChannelState | None = None
         self.height = 0
         self._current: Cmd | Start | None = None  # the message being handled
+        self._chain = Chain(name)
+        self._last: Future[Any] | None = None  # this actor's latest commit
 
     def on_start(self) -> None:
-        # A (re)start always rebuilds from storage, never from another actor's memory.
-        record = load_record(self.core, self.channel_id)
+        # A (re)start always rebuilds from storage, never from another actor's memory: what
+        # a predecessor decided is in the store or about to be (Store.get_latest), and
+        # nothing is emitted before that is durable too.
+        record = load_record(self.core, self.channel_id, latest=True)
         if record is not None:
             self.state, self.height = record
+        self._last = self.core.store.writer.submit([])
+
+    def on_dead_letter(self, message: Any) -> None:
+        # Told after this actor stopped (e.g. by the idle reaper): its successor takes it.
+        if isinstance(message, (Cmd, Start)):
+            try:
+                self.core.supervisor.tell(self.channel_id, message)
+            except PaychanError as exc:
+                if message.reply is not None and not message.reply.done():
+                    message.reply.set_exception(exc)
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # The supervisor counts the failure and forgets this actor before the caller hears of
@@ -157,12 +186,17 @@ class ChannelActor(pykka.ThreadingActor):
         return left
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Start):
+        if isinstance(message, _CommitFailed):
+            raise message
+        if isinstance(message, (Start, Cmd)):
+            # Kept only while it is handled: on_failure answers this one, not one whose commit
+            # is still landing (that one is answered by its commit).
             self._current = message
-            return self._start(message)
-        if isinstance(message, Cmd):
-            self._current = message
-            return self._handle(message)
+            if isinstance(message, Start):
+                self._start(message)
+            else:
+                self._handle(message)
+            self._current = None
         return None
 
     def _start(self, msg: Start) -> None:
@@ -171,9 +205,7 @@ class ChannelActor(pykka.ThreadingActor):
             if msg.reply:
                 msg.reply.set_exception(err)
             return
-        self._commit_and_emit(None, msg.state, msg.effects, self.height)
-        if msg.reply:
-            msg.reply.set_result(msg.state)
+        self._commit_and_emit(None, msg.state, msg.effects, self.height, msg.reply, msg.state)
 
     def _handle(self, cmd: Cmd) -> None:
         state = self.state
@@ -185,20 +217,22 @@ class ChannelActor(pykka.ThreadingActor):
         if isinstance(inp, LedgerUpdate):
             event_height = cmd.height
             if event_height and event_height <= self.height:
-                cmd.succeed(state)
+                self._when_durable(lambda: cmd.succeed(state), cmd.reply)
                 return  # replayed event we already applied
             height = max(height, event_height)
         if isinstance(inp, machine.ActionPay):
-            done = outcome_of(self.core, self.channel_id, inp.payment_id)
+            done = outcome_of(self.core, self.channel_id, inp.payment_id, latest=True)
             if done is not None:
                 # A retry whose answer was committed after the caller looked for it: the machine
                 # no longer lists the payment as outgoing and would sign it again.
-                self.core.after_commit(self.channel_id, state, [machine.NotifyPayOutcome(
-                    inp.payment_id, done["response"], done["error"], bool(done.get("refunded")))])
-                cmd.succeed(state)
+                notify = [machine.NotifyPayOutcome(inp.payment_id, done["response"],
+                                                   done["error"], bool(done.get("refunded")))]
+                self._when_durable(lambda: self._emit(state, notify, cmd.reply, state,
+                                                      cmd.errors_only), cmd.reply)
                 return
         if isinstance(inp, ReceivePay) and inp.known_result is None:
-            raw = self.core.store.get(RESULTS, payment_key(self.channel_id, inp.msg.payment_id))
+            raw = self.core.store.get_latest(RESULTS,
+                                             payment_key(self.channel_id, inp.msg.payment_id))
             if raw is not None:
                 known = decode(raw)
                 assert isinstance(known, PayResult)
@@ -211,11 +245,11 @@ class ChannelActor(pykka.ThreadingActor):
             return
         # Any other exception is a bug: the actor dies, on_failure answers the caller and the
         # supervisor restarts the channel from storage.
-        self._commit_and_emit(state, new, effects, height)
-        cmd.succeed(new)
+        self._commit_and_emit(state, new, effects, height, cmd.reply, new, cmd.errors_only)
 
     def _commit_and_emit(self, old: ChannelState | None, new: ChannelState, effects: list[Any],
-                         height: int) -> None:
+                         height: int, reply: Future[Any] | None = None, value: Any = None,
+                         errors_only: bool = False) -> None:
         cid = self.channel_id
         ops: list[Any] = []
         if new != old or height != self.height:
@@ -229,14 +263,67 @@ class ChannelActor(pykka.ThreadingActor):
                                pack({"response": eff.response, "error": eff.error,
                                      "refunded": eff.refunded})))
         ops += task_ops(cid, effects)
-        if ops:
-            self.core.store.writer.commit(ops)  # durable before anything leaves the process
+        if not ops:
+            self.state, self.height = new, height
+            self._when_durable(lambda: self._emit(new, effects, reply, value, errors_only), reply)
+            return
+        writer = self.core.store.writer
+        fut = writer.submit(ops, chain=self._chain)
         self.state, self.height = new, height
-        self.core.after_commit(cid, new, effects)
+        self._last = fut
+        # Durable before anything leaves the process: effects wait for the commit.
+        fut.add_done_callback(lambda f: self._landed(f, new, effects, reply, value, errors_only))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            writer.help()  # not on an event loop: this thread may write the batch itself
+
+    def _when_durable(self, fn: Callable[[], None], reply: Future[Any] | None) -> None:
+        """Run `fn` once every commit this actor made so far is durable."""
+        last = self._last
+        if last is None:
+            fn()
+            return
+        last.add_done_callback(lambda f: self._landed(f, None, [], reply, None, False, fn))
+
+    def _landed(self, fut: Future[Any], state: ChannelState | None, effects: list[Any],
+                reply: Future[Any] | None, value: Any, errors_only: bool,
+                then: Callable[[], None] | None = None) -> None:
+        """A commit of ours is durable, or failed: emit its effects, or restart. On whichever
+        thread wrote it."""
+        exc = fut.exception()
+        if exc is not None:
+            if reply is not None and not reply.done():
+                reply.set_exception(exc)
+            self.log.error("commit failed, restarting from the store: %r", exc)
+            try:
+                self.actor_ref.tell(_CommitFailed(repr(exc)))
+            except Exception:
+                pass  # already stopped: its successor reads the store
+            return
+        if then is not None:
+            then()
+            return
+        assert state is not None
+        self._emit(state, effects, reply, value, errors_only)
+
+    def _emit(self, state: ChannelState, effects: list[Any], reply: Future[Any] | None,
+              value: Any, errors_only: bool) -> None:
+        try:
+            self.core.after_commit(self.channel_id, state, effects)
+        except Exception as exc:
+            self.log.exception("emitting effects failed")
+            if reply is not None and not reply.done():
+                reply.set_exception(InternalError(f"effects failed: {exc!r}"))
+            return
+        if reply is not None and not errors_only and not reply.done():
+            reply.set_result(value)
 
 
-def outcome_of(core: NodeCore, channel_id: bytes, payment_id: str) -> dict[str, Any] | None:
-    raw = core.store.get(OUTCOMES, payment_key(channel_id, payment_id))
+def outcome_of(core: NodeCore, channel_id: bytes, payment_id: str,
+               latest: bool = False) -> dict[str, Any] | None:
+    key = payment_key(channel_id, payment_id)
+    raw = core.store.get_latest(OUTCOMES, key) if latest else core.store.get(OUTCOMES, key)
     return None if raw is None else unpack(raw)
 
 

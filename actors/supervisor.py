@@ -66,27 +66,41 @@ class Supervisor:
         self.tell(channel_id, start)
 
     def _ref(self, channel_id: bytes) -> pykka.ActorRef[Any]:
-        with self._lock:
-            if self._closed.is_set():
-                raise NotAllowedAtState("the node is closed")
-            if channel_id in self.quarantined:
-                raise Quarantined(f"channel {encode_channel_id(channel_id)} is quarantined: "
-                                  f"{self.quarantined[channel_id]}")
-            entry = self._live.get(channel_id)
-            if entry is not None and entry[0].is_alive():
-                self._live[channel_id] = (entry[0], time.monotonic())
-                self._live.move_to_end(channel_id)
-                return entry[0]
-            old = self._stopping.pop(channel_id, None)
-            if old is not None:
-                old.actor_stopped.wait(10)  # never two owners of one channel's state
-            while len(self._live) >= self.max_live:
-                victim, (vref, _) = self._live.popitem(last=False)
-                self._stop(victim, vref)
-            ref = ChannelActor.start(self.core, channel_id)
-            self._live[channel_id] = (ref, time.monotonic())
-            self.peak_live = max(self.peak_live, len(self._live))
-            return ref
+        while True:
+            with self._lock:
+                ref = self._ref_locked(channel_id)
+                if isinstance(ref, pykka.ActorRef):
+                    return ref
+            # Never two owners of one channel's state: wait (without the lock, which the
+            # thread running the old actor may need) until the old one has stopped.
+            if not ref.wait(10):
+                log.warning("%s: previous actor slow to stop", encode_channel_id(channel_id))
+                with self._lock:
+                    self._stopping.pop(channel_id, None)
+
+    def _ref_locked(self, channel_id: bytes) -> pykka.ActorRef[Any] | threading.Event:
+        if self._closed.is_set():
+            raise NotAllowedAtState("the node is closed")
+        if channel_id in self.quarantined:
+            raise Quarantined(f"channel {encode_channel_id(channel_id)} is quarantined: "
+                              f"{self.quarantined[channel_id]}")
+        entry = self._live.get(channel_id)
+        if entry is not None and entry[0].is_alive():
+            self._live[channel_id] = (entry[0], time.monotonic())
+            self._live.move_to_end(channel_id)
+            return entry[0]
+        old = self._stopping.get(channel_id)
+        if old is not None:
+            if not old.actor_stopped.is_set():
+                return old.actor_stopped
+            del self._stopping[channel_id]
+        while len(self._live) >= self.max_live:
+            victim, (vref, _) = self._live.popitem(last=False)
+            self._stop(victim, vref)
+        ref = ChannelActor.start(self.core, channel_id)
+        self._live[channel_id] = (ref, time.monotonic())
+        self.peak_live = max(self.peak_live, len(self._live))
+        return ref
 
     def _stop(self, channel_id: bytes, ref: pykka.ActorRef[Any]) -> None:
         # stop() queues behind what the actor already holds, so nothing in its mailbox is lost.

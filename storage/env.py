@@ -265,6 +265,16 @@ class Store:
             # Without buffers=True, py-lmdb returns bytes copies, valid after the txn ends.
             return cast("bytes | None", t.get(key, db=self._handle(db)))
 
+    def get_latest(self, db: str, key: bytes) -> bytes | None:
+        """Like `get`, but a value a chained writer request is about to write wins (see
+        `writer.Chain`): what the owner of the chain last decided, durable or not yet."""
+        writer = self._writer
+        if writer is not None:
+            found, value = writer.pending(db, key)
+            if found:
+                return value
+        return self.get(db, key)
+
     def get_obj(self, db: DbRef, key: bytes, txn: lmdb.Transaction | None = None) -> Any:
         """The msgpack-decoded value at `key`, or None when absent."""
         raw = self.get(db, key, txn)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from paychan.protocol.errors import StorageError
 
-__all__ = ["SchemaTooNew", "StorageError", "StoreClosed", "StoreFull"]
+__all__ = ["ChainBroken", "SchemaTooNew", "StorageError", "StoreClosed", "StoreFull"]
 
 
 class SchemaTooNew(StorageError):
@@ -21,3 +21,7 @@ class StoreFull(StorageError):
 
 class StoreClosed(StorageError):
     """The store (or its writer) was used after it was closed."""
+
+
+class ChainBroken(StorageError):
+    """An earlier request of the same chain failed, so this one was not written either."""

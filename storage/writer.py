@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lmdb
 
 from paychan.storage.env import DB_NAMES, last_under, store_full
-from paychan.storage.errors import StorageError, StoreClosed
+from paychan.storage.errors import ChainBroken, StorageError, StoreClosed
 from paychan.storage.keys import U64_MAX, from_u64, u64
 
 if TYPE_CHECKING:
     from paychan.storage.env import Store
 
-__all__ = ["Append", "Delete", "Op", "Put", "Writer", "append", "apply"]
+__all__ = ["Append", "Chain", "Delete", "Op", "Put", "Writer", "append", "apply"]
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,38 @@ def apply(txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
     return seqs
 
 
-class _Request:
-    __slots__ = ("error", "fn", "future", "ops", "result")
+class Chain:
+    """Requests that land in the order submitted, or not at all once one of them failed.
 
-    def __init__(self, ops: tuple[Op, ...] | None, fn: Callable[..., Any] | None) -> None:
+    A channel actor goes on with its next message before its last commit is durable; its
+    requests form a chain so that a later one never lands without an earlier one (it would
+    carry a state built on writes that were lost). Until a chain's request is written, what it
+    puts is visible through `Writer.pending` (and `Store.get_latest`)."""
+
+    __slots__ = ("broken", "name")
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.broken: BaseException | None = None
+
+
+class _Request:
+    __slots__ = ("chain", "error", "fn", "future", "ops", "result", "seq")
+
+    def __init__(self, ops: tuple[Op, ...] | None, fn: Callable[..., Any] | None,
+                 chain: Chain | None = None) -> None:
         self.ops = ops
         self.fn = fn
+        self.chain = chain
+        self.seq = 0
         self.future: Future[Any] = Future()
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+# Which threads are completing a batch's futures right now (of any writer): their callbacks
+# must not start writing another batch themselves (see Writer.help).
+_completing = threading.local()
 
 
 # Writers still running at interpreter exit are drained, so nothing already queued is lost
@@ -141,6 +164,10 @@ class Writer:
         self._stopped = False
         self._batches = 0
         self._requests = 0
+        self._seq = 0
+        # (db, key) -> [(seq, chain, value or None for a delete)], oldest first: what chained
+        # requests put that is not written yet.
+        self._pending: dict[tuple[str, bytes], list[tuple[int, Chain, bytes | None]]] = {}
         self._thread = threading.Thread(
             target=self._run, name=f"paychan-storage-writer:{store.path}", daemon=True)
         self._thread.start()
@@ -148,12 +175,36 @@ class Writer:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def submit(self, ops: Sequence[Op]) -> Future[list[int]]:
-        """Queue `ops` as one atomic request; the future gives the Append sequence numbers."""
+    def submit(self, ops: Sequence[Op], chain: Chain | None = None) -> Future[list[int]]:
+        """Queue `ops` as one atomic request; the future gives the Append sequence numbers.
+
+        With a `chain`, the request is refused with `ChainBroken` if an earlier request of the
+        chain failed, and its Puts and Deletes are visible through `pending` until written."""
         checked = tuple(ops)
         for op in checked:
             self._check(op)
-        return self._enqueue(_Request(checked, None))
+        if chain is not None and chain.broken is not None:
+            raise ChainBroken(f"an earlier write of {chain.name} failed: {chain.broken}")
+        return self._enqueue(_Request(checked, None, chain))
+
+    def pending(self, db: str, key: bytes) -> tuple[bool, bytes | None]:
+        """(True, value) when a chained request not yet written sets `key` (value None: it
+        deletes it), else (False, None): then the store has the latest value."""
+        with self._lock:
+            entries = self._pending.get((db, key))
+            if entries:
+                for _, chain, value in reversed(entries):
+                    if chain.broken is None:
+                        return True, value
+        return False, None
+
+    def help(self) -> None:
+        """Write the queued requests on this thread if no batch is being written (and this
+        thread is not completing one): a caller that would wait for the writer thread saves
+        two thread switches. Otherwise return at once; the writer thread takes them."""
+        if getattr(_completing, "depth", 0):
+            return
+        self._help()
 
     def submit_fn(self, fn: Callable[[lmdb.Transaction, Store], T]) -> Future[T]:
         """Queue `fn(txn, store)` to run in its own nested write transaction.
@@ -225,8 +276,31 @@ class Writer:
         with self._lock:
             if self._stopped:
                 raise StoreClosed(f"the writer of the store at {self._store.path} is stopped")
+            if req.chain is not None and req.ops:
+                self._seq += 1
+                req.seq = self._seq
+                for op in req.ops:
+                    if isinstance(op, Put | Delete):
+                        value = op.value if isinstance(op, Put) else None
+                        self._pending.setdefault((op.db, op.key), []).append(
+                            (req.seq, req.chain, value))
             self._queue.put(req)
         return req.future
+
+    def _settle(self, batch: list[_Request]) -> None:
+        """The batch is written (or definitely not): its pending values give way to the store."""
+        with self._lock:
+            for req in batch:
+                if not req.seq:
+                    continue
+                assert req.ops is not None
+                for op in req.ops:
+                    if isinstance(op, Put | Delete):
+                        entries = self._pending.get((op.db, op.key))
+                        if entries:
+                            entries[:] = [e for e in entries if e[0] != req.seq]
+                            if not entries:
+                                del self._pending[(op.db, op.key)]
 
     def on_writer_thread(self) -> bool:
         """True when called from the thread writing (inside a function or callback)."""
@@ -269,6 +343,8 @@ class Writer:
             # A future cancelled while queued is skipped, never half-done.
             if item.future.set_running_or_notify_cancel():
                 batch.append(item)
+            else:
+                self._settle([item])
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -292,7 +368,10 @@ class Writer:
                 self._write(batch)
             except BaseException as exc:  # keep serving; every caller hears about it
                 log.exception("storage writer batch failed")
+                self._settle(batch)
                 for req in batch:
+                    if req.chain is not None and req.chain.broken is None:
+                        req.chain.broken = exc
                     if not req.future.done():
                         req.future.set_exception(exc)
         finally:
@@ -307,7 +386,7 @@ class Writer:
         except BaseException as exc:
             failure = self._translate(exc)
             if len(batch) == 1:
-                batch[0].error = failure
+                self._failed(batch[0], failure)
             else:
                 # The batch as a whole did not commit (e.g. the map filled while saving the
                 # free list): give each request that had succeeded its own chance.
@@ -317,12 +396,17 @@ class Writer:
         with self._lock:
             self._batches += 1
             self._requests += len(batch)
+        self._settle(batch)
         # Only now is everything in the batch durable (or definitely not written).
-        for req in batch:
-            if req.error is not None:
-                req.future.set_exception(req.error)
-            else:
-                req.future.set_result(req.result)
+        _completing.depth = getattr(_completing, "depth", 0) + 1
+        try:
+            for req in batch:
+                if req.error is not None:
+                    req.future.set_exception(req.error)
+                else:
+                    req.future.set_result(req.result)
+        finally:
+            _completing.depth -= 1
 
     def _write_singly(self, env: lmdb.Environment, batch: list[_Request]) -> None:
         for req in batch:
@@ -332,10 +416,21 @@ class Writer:
                 with env.begin(write=True) as txn:
                     self._run_one(txn, req)
             except BaseException as exc:
-                req.error = self._translate(exc)
+                self._failed(req, self._translate(exc))
+
+    @staticmethod
+    def _failed(req: _Request, error: BaseException) -> None:
+        req.result, req.error = None, error
+        if req.chain is not None and req.chain.broken is None:
+            req.chain.broken = error
 
     def _run_one(self, txn: lmdb.Transaction, req: _Request) -> None:
         store = self._store
+        chain = req.chain
+        if chain is not None and chain.broken is not None:
+            req.result, req.error = None, ChainBroken(
+                f"an earlier write of {chain.name} failed: {chain.broken}")
+            return
         try:
             with store.env.begin(write=True, parent=txn) as child:
                 if req.fn is not None:
@@ -344,7 +439,7 @@ class Writer:
                     assert req.ops is not None
                     result = apply(child, store, req.ops)
         except BaseException as exc:
-            req.result, req.error = None, self._translate(exc, ops=req.ops is not None)
+            self._failed(req, self._translate(exc, ops=req.ops is not None))
             return
         req.result, req.error = result, None
 
