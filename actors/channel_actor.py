@@ -15,6 +15,7 @@ from paychan.protocol.channel import ChannelState, LedgerUpdate, ReceivePay
 from paychan.protocol.errors import InternalError, NotFound, PaychanError
 from paychan.protocol.identity import encode_channel_id
 from paychan.protocol.wire import PayResult, decode, encode
+from paychan.storage.errors import ChainBroken
 from paychan.storage.keys import pack, unpack
 from paychan.storage.writer import Chain, Delete, Put
 
@@ -138,7 +139,7 @@ class ChannelActor(InlineActor):
         self.state: ChannelState | None = None
         self.height = 0
         self._current: Cmd | Start | None = None  # the message being handled
-        self._chain = Chain(name)
+        self._chain: Chain = core.chain_for(channel_id)
         self._last: Future[Any] | None = None  # this actor's latest commit
 
     def on_start(self) -> None:
@@ -148,7 +149,9 @@ class ChannelActor(InlineActor):
         record = load_record(self.core, self.channel_id, latest=True)
         if record is not None:
             self.state, self.height = record
-        self._last = self.core.store.writer.submit([])
+        # The predecessor's chain, unless it broke: a write built on its pending state must
+        # not land if that state does not.
+        self._last = self.core.store.writer.submit([], chain=self._chain)
 
     def on_dead_letter(self, message: Any) -> None:
         # Told after this actor stopped (e.g. by the idle reaper): its successor takes it.
@@ -162,8 +165,15 @@ class ChannelActor(InlineActor):
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # The supervisor counts the failure and forgets this actor before the caller hears of
         # it, so the caller's next command already goes to a successor rebuilt from storage.
-        self.core.supervisor.failed(self.channel_id, exception_value, self._drain())
-        reply = self._current.reply if self._current is not None else None
+        queued = self._drain()
+        current = self._current
+        if isinstance(exception_value, ChainBroken) and current is not None:
+            # Refused before it changed anything, only because an earlier commit failed: the
+            # successor, rebuilt from the store, takes it like the ones queued behind it.
+            queued.insert(0, current)
+            current = None
+        self.core.supervisor.failed(self.channel_id, exception_value, queued)
+        reply = current.reply if current is not None else None
         if reply is not None and not reply.done():
             err = exception_value if isinstance(exception_value, PaychanError) else (
                 InternalError(f"channel actor failed: {exception_value!r}; it restarts from "
@@ -293,13 +303,14 @@ class ChannelActor(InlineActor):
         thread wrote it."""
         exc = fut.exception()
         if exc is not None:
-            if reply is not None and not reply.done():
-                reply.set_exception(exc)
             self.log.error("commit failed, restarting from the store: %r", exc)
             try:
+                # Before the caller hears of it, so that its retry finds a successor.
                 self.actor_ref.tell(_CommitFailed(repr(exc)))
             except Exception:
                 pass  # already stopped: its successor reads the store
+            if reply is not None and not reply.done():
+                reply.set_exception(exc)
             return
         if then is not None:
             then()

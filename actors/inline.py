@@ -155,7 +155,10 @@ class InlineActor(pykka.Actor):
                 except Exception:
                     self._handle_failure(*sys.exc_info())
         except BaseException:
+            # E.g. KeyboardInterrupt on the caller's thread: stop, answer what waits, let go.
             self._stop()
+            while (envelope := self.actor_inbox.next()) is not None:
+                self._inline_dead_letter(envelope)
             raise
 
     def _inline_dead_letter(self, envelope: Any) -> None:

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     def echo(p: Payment) -> dict[str, Any]:
         return {"echo": p.message, "amount": p.amount}
 
-    node.on_payment_received(echo)
+    node.on_payment_received(echo, quick=True)  # it only builds a dict
     for event in EVENTS:
         if event != "payment_received":  # one line per payment would flood the log
             node.on(event, lambda e: log.info("event %s", json.dumps(e, default=str)))

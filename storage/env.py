@@ -60,9 +60,15 @@ _closing: dict[str, threading.Event] = {}
 _registry_lock = threading.Lock()
 
 
+# Bumped in a forked child, so a store can tell it was inherited without a getpid() call on
+# every read.
+_fork_generation = 0
+
+
 def _forget_after_fork() -> None:
     # A forked child must not touch the parent's environments; it opens its own.
-    global _registry_lock
+    global _registry_lock, _fork_generation
+    _fork_generation += 1
     _registry.clear()
     _closing.clear()
     _registry_lock = threading.Lock()
@@ -94,6 +100,7 @@ class Store:
         self._dbs = dbs
         self._refs = 1
         self._pid = os.getpid()
+        self._generation = _fork_generation
         self._writer: Writer | None = None
         self._writer_lock = threading.Lock()
         self._shutting = False
@@ -220,7 +227,7 @@ class Store:
         env = self._env
         if env is None:
             raise StoreClosed(f"the store at {self.path} is closed")
-        if os.getpid() != self._pid:
+        if self._generation != _fork_generation:
             raise StorageError("a store cannot be used across fork; open it again in the child")
         return env
 

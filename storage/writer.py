@@ -296,11 +296,17 @@ class Writer:
                 assert req.ops is not None
                 for op in req.ops:
                     if isinstance(op, Put | Delete):
-                        entries = self._pending.get((op.db, op.key))
-                        if entries:
+                        where = (op.db, op.key)
+                        entries = self._pending.get(where)
+                        if not entries:
+                            continue
+                        if len(entries) == 1:
+                            if entries[0][0] == req.seq:
+                                del self._pending[where]
+                        else:
                             entries[:] = [e for e in entries if e[0] != req.seq]
                             if not entries:
-                                del self._pending[(op.db, op.key)]
+                                del self._pending[where]
 
     def on_writer_thread(self) -> bool:
         """True when called from the thread writing (inside a function or callback)."""

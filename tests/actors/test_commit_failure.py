@@ -1,0 +1,248 @@
+"""A channel actor does not wait for its commits: when one fails, its effects are never
+emitted, its caller gets the error, the actor restarts from the store, and its chain lets no
+later write land. Failures are injected into the writer's `apply` for one node's store."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lmdb
+import pytest
+
+import paychan
+from paychan.actors.channel_actor import payment_key
+from paychan.protocol.errors import PaychanError, StorageError, Timeout
+from paychan.protocol.identity import decode_channel_id
+from paychan.storage import writer as writer_module
+from paychan.storage.env import Store
+from paychan.storage.errors import ChainBroken
+from paychan.storage.writer import Op
+
+WAIT = 5.0
+DEPOSIT = 1_000  # conftest's channel deposit, made by A
+
+
+class FailingCommits:
+    """Fails the next `times` requests that write the "channels" database of one store."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = writer_module.apply
+        self.lock = threading.Lock()
+        self.path: str | None = None
+        self.left = 0
+        self.error: Callable[[], BaseException] = lambda: StorageError("injected")
+        self.failed: list[tuple[Op, ...]] = []
+        monkeypatch.setattr(writer_module, "apply", self.apply)
+
+    def arm(self, node: paychan.Node, error: Callable[[], BaseException],
+            times: int = 1) -> None:
+        with self.lock:
+            self.path, self.error, self.left = node._core.store.path, error, times
+
+    def apply(self, txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
+        with self.lock:
+            fail = (self.left > 0 and store.path == self.path
+                    and any(op.db == "channels" for op in ops))
+            if fail:
+                self.left -= 1
+                self.failed.append(tuple(ops))
+        if fail:
+            raise self.error()
+        return self.real(txn, store, ops)
+
+
+@pytest.fixture
+def failing(monkeypatch: pytest.MonkeyPatch) -> FailingCommits:
+    return FailingCommits(monkeypatch)
+
+
+class Recorder:
+    """B's payment handler: remembers the payment ids it served."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.served: list[str] = []
+
+    def __call__(self, p: paychan.Payment) -> Any:
+        with self.lock:
+            self.served.append(p.payment_id)
+        return ["served", p.message, p.amount]
+
+
+@contextmanager
+def writer_held(node: paychan.Node) -> Iterator[None]:
+    """Keep the node's writer inside one request: commits made meanwhile wait for the next
+    batch, so several of one actor's commits are in flight at once."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(txn: lmdb.Transaction, s: Store) -> None:
+        started.set()
+        release.wait(WAIT)
+
+    held = node._core.store.writer.submit_fn(hold)
+    assert started.wait(WAIT)
+    try:
+        yield
+    finally:
+        release.set()
+    held.result(WAIT)
+
+
+def stored(node: paychan.Node, ch: str) -> bytes | None:
+    return node._core.store.get("channels", decode_channel_id(ch))
+
+
+def outcome(node: paychan.Node, ch: str, pid: str) -> bytes | None:
+    return node._core.store.get("outcomes", payment_key(decode_channel_id(ch), pid))
+
+
+def check_agreement(a: paychan.Node, b: paychan.Node, ch: str, sent: int) -> None:
+    """Both sides agree on what A sent, and the deposits are all accounted for."""
+    sa, sb = a.balances(ch), b.balances(ch)
+    assert sa["sent_by_me"] == sb["sent_by_peer"] == sent
+    assert sa["sent_by_peer"] == sb["sent_by_me"] == 0
+    assert sa["deposited_by_me"] == sb["deposited_by_peer"] == DEPOSIT
+    assert sa["my_balance"] + sa["peer_balance"] == DEPOSIT
+    assert sb["my_balance"] + sb["peer_balance"] == DEPOSIT
+    assert (sa["my_balance"], sa["peer_balance"]) == (sb["peer_balance"], sb["my_balance"])
+    assert sa["my_balance"] == DEPOSIT - sent
+
+
+def settled(node: paychan.Node, ch: str) -> bool:
+    s = node._core.state(decode_channel_id(ch))
+    return not s.outgoing and not s.serving
+
+
+@pytest.mark.parametrize("error", [
+    lambda: lmdb.MapFullError("injected: map full"),
+    lambda: StorageError("injected: write failed"),
+], ids=["map-full", "storage-error"])
+def test_failed_commit_emits_nothing_and_the_channel_recovers(pair, channel, failing, error,
+                                                              wait_until):
+    a, b = pair
+    served = Recorder()
+    b.on_payment_received(served)
+    assert a.send_message_and_pay(channel, "warm up", 2, payment_id="p-warm") == [
+        "served", "warm up", 2]
+    before_a, before_b = a.balances(channel), b.balances(channel)
+    before_record = stored(a, channel)
+    restarts = a._core.supervisor.restarts
+
+    failing.arm(a, error)
+    with pytest.raises(PaychanError) as exc:
+        a.send_message_and_pay(channel, "lost", 7, timeout=WAIT, payment_id="p-lost")
+    assert not isinstance(exc.value, Timeout)  # answered with the failure, not left hanging
+    assert isinstance(exc.value, StorageError)
+    assert len(failing.failed) == 1
+    wait_until(lambda: a._core.supervisor.restarts == restarts + 1, timeout=WAIT,
+               what="A's channel actor to restart")
+    # Nothing of the failed step is stored or left pending, and nothing reached B.
+    assert stored(a, channel) == before_record
+    assert a._core.store.get_latest("channels", decode_channel_id(channel)) == before_record
+    assert outcome(a, channel, "p-lost") is None
+    assert a.balances(channel) == before_a
+    assert b.balances(channel) == before_b
+    assert served.served == ["p-warm"]
+
+    # A new payment: it must not carry the lost one (B would see a voucher of 2 + 7 + 3).
+    assert a.send_message_and_pay(channel, "after", 3, timeout=WAIT,
+                                  payment_id="p-after") == ["served", "after", 3]
+    assert served.served == ["p-warm", "p-after"]
+    check_agreement(a, b, channel, 5)
+    # The failed payment again, by its id: paid once, now.
+    assert a.send_message_and_pay(channel, "lost", 7, timeout=WAIT,
+                                  payment_id="p-lost") == ["served", "lost", 7]
+    assert served.served == ["p-warm", "p-after", "p-lost"]
+    check_agreement(a, b, channel, 12)
+    assert a._core.supervisor.restarts == restarts + 1
+    wait_until(lambda: settled(a, channel) and settled(b, channel), timeout=WAIT,
+               what="both sides to settle")
+
+
+def test_commits_queued_behind_a_failed_one_never_land(pair, channel, failing, wait_until):
+    """Two payments in flight on one actor: the first commit fails, so the second (built on
+    it) is refused by the chain; neither is sent, both callers hear of it."""
+    a, b = pair
+    served = Recorder()
+    b.on_payment_received(served)
+    cid = decode_channel_id(channel)
+    before_record = stored(a, channel)
+    before_b = b.balances(channel)
+    restarts = a._core.supervisor.restarts
+    failing.arm(a, lambda: StorageError("injected: write failed"))
+    with writer_held(a):
+        first = a._core.pay_future(cid, "p-1", 5, "one")
+        second = a._core.pay_future(cid, "p-2", 6, "two")
+        # The actor went on without waiting: both commits are pending, the newest visible.
+        assert not first.done() and not second.done()
+        found, latest = a._core.store.writer.pending("channels", cid)
+        assert found and latest != before_record
+    with pytest.raises(StorageError) as one:
+        first.result(WAIT)
+    assert not isinstance(one.value, ChainBroken)
+    with pytest.raises(ChainBroken):
+        second.result(WAIT)
+    assert len(failing.failed) == 1  # the second one never reached the store
+    wait_until(lambda: a._core.supervisor.restarts == restarts + 1, timeout=WAIT,
+               what="A's channel actor to restart")
+    assert stored(a, channel) == before_record
+    assert a._core.store.writer.pending("channels", cid) == (False, None)
+    assert b.balances(channel) == before_b
+    assert served.served == []
+    # Both again, in the other order: each is paid exactly once.
+    assert a.send_message_and_pay(channel, "two", 6, timeout=WAIT, payment_id="p-2") == [
+        "served", "two", 6]
+    assert a.send_message_and_pay(channel, "one", 5, timeout=WAIT, payment_id="p-1") == [
+        "served", "one", 5]
+    assert served.served == ["p-2", "p-1"]
+    check_agreement(a, b, channel, 11)
+
+
+def test_successor_does_not_build_on_a_commit_that_then_fails(nodes, ledger, failing,
+                                                              wait_until):
+    """An actor evicted (max_live_channels) with a commit still pending is succeeded by one
+    that reads that pending state (Store.get_latest). If the pending commit then fails, its
+    caller is told the payment failed: then nothing the successor stores or sends may carry
+    it (its Chain says a later write never lands without an earlier one)."""
+    a = nodes.open("a", max_live_channels=1)
+    b = nodes.open("b")
+    ledger.mint(a.address, 2 * DEPOSIT)
+    served = Recorder()
+    b.on_payment_received(served)
+    ch1 = a.create_channel(b, DEPOSIT, dispute_period=60)
+    ch2 = a.create_channel(b, DEPOSIT, dispute_period=60)
+    for ch in (ch1, ch2):
+        wait_until(lambda ch=ch: b.balances(ch)["deposited_by_peer"] == DEPOSIT,
+                   timeout=WAIT, what="B to see the funding")
+    c1, c2 = decode_channel_id(ch1), decode_channel_id(ch2)
+    sup = a._core.supervisor
+    with writer_held(a):
+        first = a._core.pay_future(c1, "p-1", 5, "one")
+        # ch2's actor evicts ch1's, which stops at once with its commit still pending.
+        other = a._core.pay_future(c2, "p-x", 1, "other")
+        assert c1 not in sup._live
+        failing.arm(a, lambda: StorageError("injected: write failed"))  # p-1's commit
+        # ch1's successor starts from p-1's pending state and pays on top of it.
+        second = a._core.pay_future(c1, "p-2", 6, "two")
+    with pytest.raises(StorageError):
+        first.result(WAIT)
+    got: Any
+    try:
+        got = second.result(WAIT)
+    except PaychanError as exc:  # refusing p-2 would be fine too
+        got = exc
+    assert other.result(WAIT)["response"] == ["served", "other", 1]
+    assert len(failing.failed) == 1
+    # p-1 was reported failed: no voucher counting its 5 may be stored by A or held by B.
+    stored_state = a._core.state(c1)
+    assert [o.payment_id for o in stored_state.outgoing] == [], got
+    assert a.balances(ch1)["sent_by_me"] in (0, 6), got
+    assert b.balances(ch1)["sent_by_peer"] in (0, 6), got
+    assert "p-1" not in served.served
+    # The failed payment, retried: paid once, and both sides agree.
+    assert a.send_message_and_pay(ch1, "one", 5, timeout=WAIT, payment_id="p-1") == [
+        "served", "one", 5]
+    if not isinstance(got, PaychanError):
+        check_agreement(a, b, ch1, 11)
