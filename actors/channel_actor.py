@@ -68,10 +68,16 @@ def load_record(core: NodeCore, channel_id: bytes,
     return ChannelState.from_obj(obj[0]), int(obj[1])
 
 
+_SUBMITS = (machine.SubmitCreate, machine.SubmitDeposit, machine.SubmitCloseMutual,
+            machine.SubmitCloseSolo, machine.SubmitConfirm, machine.SubmitFraudProof)
+
+
 def task_ops(channel_id: bytes, effects: list[Any]) -> list[Any]:
     """Watcher tasks for Submit* effects, written in the same commit as the state."""
     ops = []
     for eff in effects:
+        if not isinstance(eff, _SUBMITS):
+            continue
         tx = submit_tx(channel_id, eff)
         if tx is not None:
             kind, body, not_before = tx
@@ -262,7 +268,9 @@ class ChannelActor(InlineActor):
                          errors_only: bool = False) -> None:
         cid = self.channel_id
         ops: list[Any] = []
-        if new != old or height != self.height:
+        # The machine returns the very same state when nothing changed (comparing whole
+        # states would cost more than the write it saves).
+        if new is not old or height != self.height:
             ops.append(Put(CHANNELS, cid, pack([new.to_obj(), height])))
         for eff in effects:
             if isinstance(eff, machine.RecordResult):
@@ -283,9 +291,7 @@ class ChannelActor(InlineActor):
         self._last = fut
         # Durable before anything leaves the process: effects wait for the commit.
         fut.add_done_callback(lambda f: self._landed(f, new, effects, reply, value, errors_only))
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if asyncio._get_running_loop() is None:
             writer.help()  # not on an event loop: this thread may write the batch itself
 
     def _when_durable(self, fn: Callable[[], None], reply: Future[Any] | None) -> None:

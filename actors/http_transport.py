@@ -14,6 +14,7 @@ import aiohttp
 import msgpack
 from aiohttp import web
 
+from paychan.actors.loopcall import LoopCalls
 from paychan.actors.transport import Deliver
 from paychan.protocol.errors import BrokenEncoding, PaychanError, Rejected, Unauthorized
 from paychan.protocol.wire import MAX_FRAME
@@ -53,6 +54,7 @@ class HttpTransport:
         self.on_reconnect: Callable[[bytes], None] | None = None
         self._deliver: Deliver | None = None
         self._loop = asyncio.new_event_loop()
+        self._calls = LoopCalls.of(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="paychan-http")
         self._session: aiohttp.ClientSession | None = None
@@ -167,7 +169,7 @@ class HttpTransport:
 
     def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None:
         url = route.get("url") if route else None
-        self._loop.call_soon_threadsafe(self._enqueue, peer, url, envelope)
+        self._calls.call(self._enqueue, peer, url, envelope)
 
     def _enqueue(self, peer: bytes, url: str | None, envelope: bytes) -> None:
         if url:

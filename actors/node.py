@@ -510,6 +510,7 @@ class NodeCore:
         """A future of the payment's outcome (see `result_of`); a payment_id already answered
         gets its stored outcome. A refusal of the pay fails the future."""
         fut: Future[Any]
+        action = machine.ActionPay(payment_id, amount, message)  # bad input fails here first
         outcome = outcome_of(self, channel_id, payment_id)
         if outcome is not None:
             fut = Future()
@@ -519,8 +520,7 @@ class NodeCore:
         with self._lock:
             fut = self.waiters.get(key) or self.waiters.setdefault(key, Future())
         try:
-            self.tell(channel_id, machine.ActionPay(payment_id, amount, message), fut,
-                      errors_only=True)
+            self.tell(channel_id, action, fut, errors_only=True)
         except PaychanError:
             self.waiters.pop(key, None)
             raise

@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from paychan.actors.chat import ChatTransport, parse_pairing_code
@@ -15,6 +16,7 @@ from paychan.actors.clock import VirtualClock, WallClock
 from paychan.actors.http_transport import HttpTransport
 from paychan.actors.hub import normalize_hub_url
 from paychan.actors.ledger import EmbeddedLedger
+from paychan.actors.loopcall import LoopCalls
 from paychan.actors.node import NodeCore, Payment, result_of, timed_out
 from paychan.protocol import channel as machine
 from paychan.protocol import errors
@@ -32,7 +34,7 @@ from paychan.protocol.identity import (
     encode_address,
     encode_channel_id,
 )
-from paychan.protocol.wire import ChannelParams, check_body
+from paychan.protocol.wire import ChannelParams
 
 log = logging.getLogger("paychan.node")
 
@@ -213,8 +215,6 @@ class Node:
                              payment_id: str | None = None) -> Any:
         """Pay `amount` with `message`; returns the peer's response. Retrying with the same
         `payment_id` never pays twice."""
-        check_amount(amount)
-        check_body(message)
         pid = payment_id or uuid.uuid4().hex
         return self._core.pay(_cid(ch), pid, amount, message, timeout)
 
@@ -310,16 +310,20 @@ class Node:
     async def asend_message_and_pay(self, ch: str, message: Any, amount: int,
                                     timeout: float = 10.0, payment_id: str | None = None) -> Any:
         """Like send_message_and_pay, awaiting the answer without holding a thread."""
-        check_amount(amount)
-        check_body(message)
         pid = payment_id or uuid.uuid4().hex
         fut = self._core.pay_future(_cid(ch), pid, amount, message)
-        # asyncio.wait, not wait_for: a timeout must not cancel the shared outcome future.
-        waiting = asyncio.wrap_future(fut)
-        done, _ = await asyncio.wait({waiting}, timeout=timeout)
-        if not done:
-            raise timed_out(pid, timeout)
-        return result_of(waiting.result())
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[Any] = loop.create_future()
+        calls = LoopCalls.of(loop)
+        # Not asyncio.wrap_future: a timeout or a cancel here must not cancel the shared
+        # outcome future, and many outcomes landing together wake the loop once.
+        fut.add_done_callback(lambda done: calls.call(_settle, done, waiting))
+        timer = loop.call_later(timeout, _expire, waiting, pid, timeout)
+        try:
+            outcome = await waiting
+        finally:
+            timer.cancel()
+        return result_of(outcome)
 
     async def asend_message(self, *args: Any, **kwargs: Any) -> None:
         await self._run(self.send_message, *args, **kwargs)
@@ -333,6 +337,23 @@ class Node:
 
     async def astop(self) -> None:
         await self._run(self.stop)
+
+
+def _settle(done: Future[Any], waiting: asyncio.Future[Any]) -> None:
+    if waiting.done():
+        return  # timed out or cancelled meanwhile
+    exc = done.exception() if not done.cancelled() else None
+    if done.cancelled():
+        waiting.cancel()
+    elif exc is not None:
+        waiting.set_exception(exc)
+    else:
+        waiting.set_result(done.result())
+
+
+def _expire(waiting: asyncio.Future[Any], pid: str, timeout: float) -> None:
+    if not waiting.done():
+        waiting.set_exception(timed_out(pid, timeout))
 
 
 __all__ = ["EVENTS", "Ledger", "Node", "Payment", "encode_address"]

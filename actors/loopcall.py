@@ -1,0 +1,59 @@
+"""Calls handed to an asyncio loop from other threads, many per wake-up of the loop."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopCalls] = (
+    weakref.WeakKeyDictionary())
+_by_loop_lock = threading.Lock()
+
+
+class LoopCalls:
+    """`call(fn, *args)` runs `fn(*args)` on the loop, in call order, from any thread.
+
+    `loop.call_soon_threadsafe` writes to the loop's wake-up pipe on every call; under load
+    (a writer batch completing twenty payments, each with a frame to send) this wakes the
+    loop once for all of them. On the loop's own thread the call runs at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopCalls:
+        """The one instance for `loop` (so that every caller shares its wake-ups)."""
+        with _by_loop_lock:
+            calls = _by_loop.get(loop)
+            if calls is None:
+                calls = _by_loop[loop] = cls(loop)
+            return calls
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if asyncio._get_running_loop() is self._loop:
+            fn(*args)
+            return
+        with self._lock:
+            self._calls.append((fn, args))
+            if self._scheduled:
+                return  # the flush already scheduled runs this one too
+            self._scheduled = True
+        # RuntimeError once the loop is closed, as with call_soon_threadsafe.
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, deque()
+            self._scheduled = False
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception as exc:  # one failing call must not drop the others
+                self._loop.call_exception_handler(
+                    {"message": f"exception in {fn!r}", "exception": exc})
