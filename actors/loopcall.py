@@ -21,7 +21,8 @@ class LoopCalls:
     loop once for all of them. On the loop's own thread the call runs at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: the registry must not keep a finished loop (one per asyncio.run) alive.
+        self._loop = weakref.ref(loop)
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._scheduled = False
         self._lock = threading.Lock()
@@ -36,16 +37,27 @@ class LoopCalls:
             return calls
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        if asyncio._get_running_loop() is self._loop:
+        """RuntimeError once the loop is closed (or gone), as with call_soon_threadsafe."""
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("the event loop is gone")
+        if asyncio._get_running_loop() is loop:
             fn(*args)
             return
         with self._lock:
+            if loop.is_closed():
+                raise RuntimeError("Event loop is closed")
             self._calls.append((fn, args))
             if self._scheduled:
                 return  # the flush already scheduled runs this one too
             self._scheduled = True
-        # RuntimeError once the loop is closed, as with call_soon_threadsafe.
-        self._loop.call_soon_threadsafe(self._flush)
+        try:
+            loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:
+            with self._lock:  # closed meanwhile: nothing queued will ever run
+                self._calls.clear()
+                self._scheduled = False
+            raise
 
     def _flush(self) -> None:
         with self._lock:
@@ -55,5 +67,7 @@ class LoopCalls:
             try:
                 fn(*args)
             except Exception as exc:  # one failing call must not drop the others
-                self._loop.call_exception_handler(
-                    {"message": f"exception in {fn!r}", "exception": exc})
+                loop = self._loop()
+                if loop is not None:
+                    loop.call_exception_handler(
+                        {"message": f"exception in {fn!r}", "exception": exc})

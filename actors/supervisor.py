@@ -34,6 +34,7 @@ class Supervisor:
         self.core = core
         self.max_live = max_live
         self.idle_seconds = idle_seconds
+        self._touch_every = min(1.0, idle_seconds / 4)
         self._live: OrderedDict[bytes, tuple[pykka.ActorRef[Any], float]] = OrderedDict()
         self._stopping: dict[bytes, pykka.ActorRef[Any]] = {}
         self._failures: dict[bytes, deque[float]] = {}
@@ -66,6 +67,12 @@ class Supervisor:
         self.tell(channel_id, start)
 
     def _ref(self, channel_id: bytes) -> pykka.ActorRef[Any]:
+        # Fast path, once per message: a live actor, taken without the lock (a dict read is
+        # atomic), its place in the idle order refreshed only now and then.
+        entry = self._live.get(channel_id)
+        if entry is not None and not self._closed.is_set() and entry[0].is_alive():
+            if time.monotonic() - entry[1] < self._touch_every:
+                return entry[0]
         while True:
             with self._lock:
                 ref = self._ref_locked(channel_id)

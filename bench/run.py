@@ -20,7 +20,8 @@ Four cases across OS processes (bench/xproc.py has their processes and programs)
   paychan-xproc, 1 channel    `paychan ledger serve`, a payee daemon `paychan node run` (echo
                               handler) and a payer process (`paychan.Node.open(dir, ledger=URL,
                               listen=URL)`, a channel to the payee's URL) paying over HTTP
-  paychan-xproc, C channels   the same with C channels paid at once, a thread per channel
+  paychan-xproc, C channels   the same with C channels paid at once (asyncio tasks calling
+                              `asend_message_and_pay`)
   bare-xproc,    1 channel    two plain asyncio processes, one aiohttp WebSocket between them,
                               the same work per payment, every commit its own write transaction
   bare-xproc,    C channels   the same with C asyncio tasks, commits grouped per event-loop batch

@@ -22,8 +22,9 @@ The first line a payer prints is {"ready": ...} once its channels are open; a ba
 {"ready": true, "public": HEX} once it listens, and serves until SIGTERM.
 
 The paychan payer is `paychan.Node.open(dir, ledger=URL, listen=URL)` paying the payee daemon
-`paychan node run` (whose handler echoes: {"echo": message, "amount": amount}) over HTTP, a
-thread per channel. The bare pair does the same work per payment with asyncio, one aiohttp
+`paychan node run` (whose quick handler echoes: {"echo": message, "amount": amount}) over HTTP:
+one channel from a thread with `send_message_and_pay`, many as asyncio tasks with
+`asend_message_and_pay`. The bare pair does the same work per payment with asyncio, one aiohttp
 WebSocket, LMDB with sync=True and PyNaCl, nothing else: the payer signs a voucher, commits
 durably, seals the `pay` and sends it; the payee opens, decodes, verifies, commits durably,
 echoes, commits the result durably, seals the reply and sends it; the payer opens, decodes and

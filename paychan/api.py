@@ -317,7 +317,14 @@ class Node:
         calls = LoopCalls.of(loop)
         # Not asyncio.wrap_future: a timeout or a cancel here must not cancel the shared
         # outcome future, and many outcomes landing together wake the loop once.
-        fut.add_done_callback(lambda done: calls.call(_settle, done, waiting))
+
+        def hand_back(done: Future[Any]) -> None:
+            try:
+                calls.call(_settle, done, waiting)
+            except RuntimeError:
+                pass  # the caller's loop is gone (it timed out); a retry finds the outcome
+
+        fut.add_done_callback(hand_back)
         timer = loop.call_later(timeout, _expire, waiting, pid, timeout)
         try:
             outcome = await waiting

@@ -37,7 +37,7 @@ def test_thousands_of_channels_with_a_bounded_number_of_live_actors(nodes, ledge
     for node in (a, *peers):
         assert node._core.supervisor.peak_live <= CAP
         assert node._core.supervisor.live_count() <= CAP
-    # pykka runs one thread per actor: the cap is what keeps the process's threads bounded.
+    # Channel actors have no threads of their own; the cap bounds the actors kept in memory.
     assert threading.active_count() < (1 + PEERS) * CAP + 150
     assert len(set(channels)) == CHANNELS
     assert sorted(a.channels()) == sorted(channels)
