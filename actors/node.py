@@ -506,12 +506,13 @@ class NodeCore:
 
     # -- payments --------------------------------------------------------------------------
     def pay_future(self, channel_id: bytes, payment_id: str, amount: int,
-                   message: Any) -> Future[Any]:
+                   message: Any, fresh: bool = False) -> Future[Any]:
         """A future of the payment's outcome (see `result_of`); a payment_id already answered
         gets its stored outcome. A refusal of the pay fails the future."""
         fut: Future[Any]
         action = machine.ActionPay(payment_id, amount, message)  # bad input fails here first
-        outcome = outcome_of(self, channel_id, payment_id)
+        # A payment_id just made up cannot have an outcome yet: no need to look.
+        outcome = None if fresh else outcome_of(self, channel_id, payment_id)
         if outcome is not None:
             fut = Future()
             fut.set_result(outcome)
@@ -529,9 +530,9 @@ class NodeCore:
         return fut
 
     def pay(self, channel_id: bytes, payment_id: str, amount: int, message: Any,
-            timeout: float) -> Any:
+            timeout: float, fresh: bool = False) -> Any:
         """Pay and wait for the peer's response; a known payment_id returns its stored outcome."""
-        fut = self.pay_future(channel_id, payment_id, amount, message)
+        fut = self.pay_future(channel_id, payment_id, amount, message, fresh)
         try:
             return result_of(fut.result(timeout))
         except TimeoutError:

@@ -216,7 +216,7 @@ class Node:
         """Pay `amount` with `message`; returns the peer's response. Retrying with the same
         `payment_id` never pays twice."""
         pid = payment_id or uuid.uuid4().hex
-        return self._core.pay(_cid(ch), pid, amount, message, timeout)
+        return self._core.pay(_cid(ch), pid, amount, message, timeout, fresh=payment_id is None)
 
     def send_message(self, ch: str, message: Any) -> None:
         """A free message to the peer (its `message` event)."""
@@ -311,7 +311,7 @@ class Node:
                                     timeout: float = 10.0, payment_id: str | None = None) -> Any:
         """Like send_message_and_pay, awaiting the answer without holding a thread."""
         pid = payment_id or uuid.uuid4().hex
-        fut = self._core.pay_future(_cid(ch), pid, amount, message)
+        fut = self._core.pay_future(_cid(ch), pid, amount, message, fresh=payment_id is None)
         loop = asyncio.get_running_loop()
         waiting: asyncio.Future[Any] = loop.create_future()
         calls = LoopCalls.of(loop)

@@ -56,6 +56,7 @@ class Append:
 
 
 Op = Put | Delete | Append
+_KEYED = (Put, Delete)  # a tuple: `Put | Delete` would build a union on every call
 
 
 def append(txn: lmdb.Transaction, store: Store, db: str, prefix: bytes, value: bytes) -> int:
@@ -280,7 +281,7 @@ class Writer:
                 self._seq += 1
                 req.seq = self._seq
                 for op in req.ops:
-                    if isinstance(op, Put | Delete):
+                    if isinstance(op, _KEYED):
                         value = op.value if isinstance(op, Put) else None
                         self._pending.setdefault((op.db, op.key), []).append(
                             (req.seq, req.chain, value))
@@ -295,7 +296,7 @@ class Writer:
                     continue
                 assert req.ops is not None
                 for op in req.ops:
-                    if isinstance(op, Put | Delete):
+                    if isinstance(op, _KEYED):
                         where = (op.db, op.key)
                         entries = self._pending.get(where)
                         if not entries:
@@ -320,7 +321,7 @@ class Writer:
 
     def _check(self, op: object) -> None:
         # Checked on the caller's thread so mistakes raise where they were made.
-        if isinstance(op, Put | Delete):
+        if isinstance(op, _KEYED):
             key, what, extra = op.key, "key", 0
         elif isinstance(op, Append):
             # An Append's key is its prefix plus the 8-byte sequence number.
