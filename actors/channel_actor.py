@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -146,7 +147,14 @@ class ChannelActor(InlineActor):
         self.height = 0
         self._current: Cmd | Start | None = None  # the message being handled
         self._chain: Chain = core.chain_for(channel_id)
-        self._last: Future[Any] | None = None  # this actor's latest commit
+        # Commits land in order; their effects are emitted in order too. `_last` is this
+        # actor's latest commit, `_settled` the latest whose effects were emitted (or that
+        # failed), `_followers` what waits for a commit to settle, `_broken` the first failure.
+        self._emit_lock = threading.Lock()
+        self._last: Future[Any] | None = None
+        self._settled: Future[Any] | None = None
+        self._followers: list[tuple[Future[Any], Callable[[], None], Cmd | Start | None]] = []
+        self._broken: BaseException | None = None
 
     def on_start(self) -> None:
         # A (re)start always rebuilds from storage, never from another actor's memory: what
@@ -157,7 +165,14 @@ class ChannelActor(InlineActor):
             self.state, self.height = record
         # The predecessor's chain, unless it broke: a write built on its pending state must
         # not land if that state does not.
-        self._last = self.core.store.writer.submit([], chain=self._chain)
+        barrier = self.core.store.writer.submit([], chain=self._chain)
+        self._last = barrier
+        barrier.add_done_callback(lambda f: self._landed(f, None, [], None, None))
+
+    def on_stop(self) -> None:
+        # Asked to stop (idle, evicted, node stopping): what queued behind the stop goes to a
+        # successor, in order, before anything sent later.
+        self.core.supervisor.handover(self.channel_id, self.actor_ref, self._drain())
 
     def on_dead_letter(self, message: Any) -> None:
         # Told after this actor stopped (e.g. by the idle reaper): its successor takes it.
@@ -178,7 +193,7 @@ class ChannelActor(InlineActor):
             # successor, rebuilt from the store, takes it like the ones queued behind it.
             queued.insert(0, current)
             current = None
-        self.core.supervisor.failed(self.channel_id, exception_value, queued)
+        self.core.supervisor.failed(self.channel_id, self.actor_ref, exception_value, queued)
         reply = current.reply if current is not None else None
         if reply is not None and not reply.done():
             err = exception_value if isinstance(exception_value, PaychanError) else (
@@ -221,7 +236,7 @@ class ChannelActor(InlineActor):
             if msg.reply:
                 msg.reply.set_exception(err)
             return
-        self._commit_and_emit(None, msg.state, msg.effects, self.height, msg.reply, msg.state)
+        self._commit_and_emit(None, msg.state, msg.effects, self.height, msg, msg.state)
 
     def _handle(self, cmd: Cmd) -> None:
         state = self.state
@@ -233,7 +248,7 @@ class ChannelActor(InlineActor):
         if isinstance(inp, LedgerUpdate):
             event_height = cmd.height
             if event_height and event_height <= self.height:
-                self._when_durable(lambda: cmd.succeed(state), cmd.reply)
+                self._when_durable(lambda: cmd.succeed(state), cmd)
                 return  # replayed event we already applied
             height = max(height, event_height)
         if isinstance(inp, machine.ActionPay):
@@ -243,8 +258,7 @@ class ChannelActor(InlineActor):
                 # no longer lists the payment as outgoing and would sign it again.
                 notify = [machine.NotifyPayOutcome(inp.payment_id, done["response"],
                                                    done["error"], bool(done.get("refunded")))]
-                self._when_durable(lambda: self._emit(state, notify, cmd.reply, state,
-                                                      cmd.errors_only), cmd.reply)
+                self._when_durable(lambda: self._emit(state, notify, cmd, state), cmd)
                 return
         if isinstance(inp, ReceivePay) and inp.known_result is None:
             raw = self.core.store.get_latest(RESULTS,
@@ -261,11 +275,10 @@ class ChannelActor(InlineActor):
             return
         # Any other exception is a bug: the actor dies, on_failure answers the caller and the
         # supervisor restarts the channel from storage.
-        self._commit_and_emit(state, new, effects, height, cmd.reply, new, cmd.errors_only)
+        self._commit_and_emit(state, new, effects, height, cmd, new)
 
     def _commit_and_emit(self, old: ChannelState | None, new: ChannelState, effects: list[Any],
-                         height: int, reply: Future[Any] | None = None, value: Any = None,
-                         errors_only: bool = False) -> None:
+                         height: int, msg: Cmd | Start, value: Any) -> None:
         cid = self.channel_id
         ops: list[Any] = []
         # The machine returns the very same state when nothing changed (comparing whole
@@ -283,49 +296,79 @@ class ChannelActor(InlineActor):
         ops += task_ops(cid, effects)
         if not ops:
             self.state, self.height = new, height
-            self._when_durable(lambda: self._emit(new, effects, reply, value, errors_only), reply)
+            self._when_durable(lambda: self._emit(new, effects, msg, value), msg)
             return
         writer = self.core.store.writer
         fut = writer.submit(ops, chain=self._chain)
         self.state, self.height = new, height
-        self._last = fut
+        with self._emit_lock:
+            self._last = fut
         # Durable before anything leaves the process: effects wait for the commit.
-        fut.add_done_callback(lambda f: self._landed(f, new, effects, reply, value, errors_only))
+        fut.add_done_callback(lambda f: self._landed(f, new, effects, msg, value))
         if asyncio._get_running_loop() is None:
             writer.help()  # not on an event loop: this thread may write the batch itself
 
-    def _when_durable(self, fn: Callable[[], None], reply: Future[Any] | None) -> None:
-        """Run `fn` once every commit this actor made so far is durable."""
-        last = self._last
-        if last is None:
+    def _when_durable(self, fn: Callable[[], None], msg: Cmd | Start | None) -> None:
+        """Run `fn` once every commit this actor made so far is durable and its effects were
+        emitted (a done future is not enough: its callbacks may still be running)."""
+        with self._emit_lock:
+            last = self._last
+            if last is not None and last is not self._settled:
+                self._followers.append((last, fn, msg))
+                return
+            broken = self._broken
+        if broken is None:
             fn()
-            return
-        last.add_done_callback(lambda f: self._landed(f, None, [], reply, None, False, fn))
+        else:
+            self._refused(msg, broken)
 
     def _landed(self, fut: Future[Any], state: ChannelState | None, effects: list[Any],
-                reply: Future[Any] | None, value: Any, errors_only: bool,
-                then: Callable[[], None] | None = None) -> None:
+                msg: Cmd | Start | None, value: Any) -> None:
         """A commit of ours is durable, or failed: emit its effects, or restart. On whichever
-        thread wrote it."""
+        thread wrote it; commits land, and so come here, in the order they were made."""
         exc = fut.exception()
-        if exc is not None:
-            self.log.error("commit failed, restarting from the store: %r", exc)
-            try:
-                # Before the caller hears of it, so that its retry finds a successor.
-                self.actor_ref.tell(_CommitFailed(repr(exc)))
-            except Exception:
-                pass  # already stopped: its successor reads the store
-            if reply is not None and not reply.done():
-                reply.set_exception(exc)
-            return
-        if then is not None:
-            then()
-            return
-        assert state is not None
-        self._emit(state, effects, reply, value, errors_only)
+        if exc is None:
+            if state is not None:
+                self._emit(state, effects, msg, value)
+        else:
+            with self._emit_lock:
+                first, self._broken = self._broken is None, self._broken or exc
+            if first:
+                self.log.error("commit failed, restarting from the store: %r", exc)
+                try:
+                    # Ahead of what _refused passes on, so that it reaches the successor.
+                    self.actor_ref.tell(_CommitFailed(repr(exc)))
+                except Exception:
+                    pass  # already stopped: its successor reads the store
+            self._refused(msg, exc)
+        with self._emit_lock:
+            self._settled = fut
+            ready = [f for f in self._followers if f[0] is fut]
+            self._followers = [f for f in self._followers if f[0] is not fut]
+        for _, fn, waiting in ready:
+            if exc is None:
+                fn()
+            else:
+                self._refused(waiting, exc)
 
-    def _emit(self, state: ChannelState, effects: list[Any], reply: Future[Any] | None,
-              value: Any, errors_only: bool) -> None:
+    def _refused(self, msg: Cmd | Start | None, exc: BaseException) -> None:
+        """`msg` was handled, but its commit (or an earlier one) failed. One refused only
+        because an earlier commit failed, or one nobody waits for (a peer's message, a ledger
+        event), goes to the successor rebuilt from the store; a caller hears of the failure."""
+        if msg is None:
+            return
+        if isinstance(exc, ChainBroken) or msg.reply is None:
+            try:
+                self.core.supervisor.tell(self.channel_id, msg)
+                return
+            except PaychanError as err:
+                exc = err
+        if msg.reply is not None and not msg.reply.done():
+            msg.reply.set_exception(exc)
+
+    def _emit(self, state: ChannelState, effects: list[Any], msg: Cmd | Start | None,
+              value: Any) -> None:
+        reply = msg.reply if msg is not None else None
         try:
             self.core.after_commit(self.channel_id, state, effects)
         except Exception as exc:
@@ -333,6 +376,7 @@ class ChannelActor(InlineActor):
             if reply is not None and not reply.done():
                 reply.set_exception(InternalError(f"effects failed: {exc!r}"))
             return
+        errors_only = isinstance(msg, Cmd) and msg.errors_only
         if reply is not None and not errors_only and not reply.done():
             reply.set_result(value)
 

@@ -72,6 +72,10 @@ class _Inbox:
             self._running = True
             return True
 
+    def release(self) -> None:
+        with self._lock:
+            self._running = False
+
     def next(self) -> Any:
         """The next message, or None after giving the actor up (the queue was empty)."""
         with self._lock:
@@ -127,16 +131,22 @@ class InlineActor(pykka.Actor):
 
     def _inline_drain(self, budget: int) -> None:
         inbox = self.actor_inbox
-        for _ in range(budget):
-            envelope = inbox.next()
-            if envelope is None:
-                return
-            if self.actor_stopped.is_set():
-                self._inline_dead_letter(envelope)
-            else:
-                self._inline_handle(envelope)
-        # Still holding the actor: the pool carries on with what is left.
-        _handoff(lambda: self._inline_drain(BUDGET))
+        try:
+            for _ in range(budget):
+                envelope = inbox.next()
+                if envelope is None:
+                    return
+                if self.actor_stopped.is_set():
+                    self._inline_dead_letter(envelope)
+                else:
+                    self._inline_handle(envelope)
+            # Still holding the actor: the pool carries on with what is left.
+            _handoff(lambda: self._inline_drain(BUDGET))
+        except BaseException:
+            # Never leave the actor marked as run by a thread that has left it (e.g. no pool
+            # at interpreter exit): the next message runs it again.
+            inbox.release()
+            raise
 
     def _inline_handle(self, envelope: Any) -> None:
         # As pykka's own loop: an ask gets the exception, a tell's failure stops the actor.
@@ -155,10 +165,10 @@ class InlineActor(pykka.Actor):
                 except Exception:
                     self._handle_failure(*sys.exc_info())
         except BaseException:
-            # E.g. KeyboardInterrupt on the caller's thread: stop, answer what waits, let go.
+            # E.g. KeyboardInterrupt on the caller's thread: stop, answer what waits.
             self._stop()
-            while (envelope := self.actor_inbox.next()) is not None:
-                self._inline_dead_letter(envelope)
+            while not self.actor_inbox.empty():
+                self._inline_dead_letter(self.actor_inbox.get())
             raise
 
     def _inline_dead_letter(self, envelope: Any) -> None:

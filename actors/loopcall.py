@@ -41,7 +41,12 @@ class LoopCalls:
         loop = self._loop()
         if loop is None:
             raise RuntimeError("the event loop is gone")
-        if asyncio._get_running_loop() is loop:
+        with self._lock:
+            if asyncio._get_running_loop() is loop and not self._calls:
+                run_now = True  # on the loop, nothing queued ahead of it: no wake-up needed
+            else:
+                run_now = False
+        if run_now:
             fn(*args)
             return
         with self._lock:

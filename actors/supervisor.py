@@ -73,19 +73,13 @@ class Supervisor:
         if entry is not None and not self._closed.is_set() and entry[0].is_alive():
             if time.monotonic() - entry[1] < self._touch_every:
                 return entry[0]
-        while True:
-            with self._lock:
-                ref = self._ref_locked(channel_id)
-                if isinstance(ref, pykka.ActorRef):
-                    return ref
-            # Never two owners of one channel's state: wait (without the lock, which the
-            # thread running the old actor may need) until the old one has stopped.
-            if not ref.wait(10):
-                log.warning("%s: previous actor slow to stop", encode_channel_id(channel_id))
-                with self._lock:
-                    self._stopping.pop(channel_id, None)
+        with self._lock:
+            return self._ref_locked(channel_id)
 
-    def _ref_locked(self, channel_id: bytes) -> pykka.ActorRef[Any] | threading.Event:
+    def _ref_locked(self, channel_id: bytes) -> pykka.ActorRef[Any]:
+        # Never two owners of one channel's state, and never a wait: an actor asked to stop
+        # keeps taking messages (they queue behind its stop) and hands what it still holds to
+        # its successor when it stops (handover); once stopped, a successor is started.
         if self._closed.is_set():
             raise NotAllowedAtState("the node is closed")
         if channel_id in self.quarantined:
@@ -98,8 +92,8 @@ class Supervisor:
             return entry[0]
         old = self._stopping.get(channel_id)
         if old is not None:
-            if not old.actor_stopped.is_set():
-                return old.actor_stopped
+            if old.is_alive():
+                return old
             del self._stopping[channel_id]
         while len(self._live) >= self.max_live:
             victim, (vref, _) = self._live.popitem(last=False)
@@ -114,32 +108,24 @@ class Supervisor:
         self._stopping[channel_id] = ref
         ref.stop(block=False)
 
-    def failed(self, channel_id: bytes, exc: Any, queued: Sequence[Any] = ()) -> None:
-        """Called on the failing actor's thread (pykka on_failure) with the messages it still
-        held: a successor rebuilt from storage takes them, in order, unless the channel is
-        now quarantined or the node is stopping, when their callers get the refusal."""
-        now = time.monotonic()
+    def handover(self, channel_id: bytes, ref: pykka.ActorRef[Any],
+                 queued: Sequence[Any]) -> None:
+        """Called by a stopping actor (`ref`) with the messages it still held: a successor
+        rebuilt from storage takes them, in order, unless the channel is quarantined or the
+        node is stopping, when their callers get the refusal."""
         refusal: PaychanError | None = None
-        # A handler result the dead actor was committing is lost with it: let the call run
-        # again when the payer resends it.
-        self.core.forget_running(channel_id)
         with self._lock:
-            entry = self._live.get(channel_id)
-            if entry is not None:
-                del self._live[channel_id]
-            times = self._failures.setdefault(channel_id, deque(maxlen=MAX_FAILURES))
-            times.append(now)
-            self.restarts += 1
-            quarantine = len(times) >= MAX_FAILURES and now - times[0] <= FAILURE_WINDOW
-            if quarantine:
-                self.quarantined[channel_id] = repr(exc)
+            for table in (self._live, self._stopping):
+                entry = table.get(channel_id)
+                if entry is not None and (entry[0] if isinstance(entry, tuple) else entry) is ref:
+                    del table[channel_id]  # only its own entry: a successor may be there
             if queued:
                 try:
                     if self._closed.is_set():
                         raise NotAllowedAtState("the node is stopping")
-                    ref = self._ref(channel_id)  # under the lock: nothing overtakes them
+                    successor = self._ref_locked(channel_id)  # locked: nothing overtakes them
                     for message in queued:
-                        ref.tell(message)
+                        successor.tell(message)
                 except PaychanError as err:
                     refusal = err
                 except pykka.ActorDeadError:
@@ -150,6 +136,23 @@ class Supervisor:
                 reply = getattr(message, "reply", None)
                 if reply is not None and not reply.done():
                     reply.set_exception(refusal)
+
+    def failed(self, channel_id: bytes, ref: pykka.ActorRef[Any], exc: Any,
+               queued: Sequence[Any] = ()) -> None:
+        """Called on the failing actor's thread (pykka on_failure) with the messages it still
+        held; counts the failure (quarantine) and hands them over (see handover)."""
+        now = time.monotonic()
+        # A handler result the dead actor was committing is lost with it: let the call run
+        # again when the payer resends it.
+        self.core.forget_running(channel_id)
+        with self._lock:
+            times = self._failures.setdefault(channel_id, deque(maxlen=MAX_FAILURES))
+            times.append(now)
+            self.restarts += 1
+            quarantine = len(times) >= MAX_FAILURES and now - times[0] <= FAILURE_WINDOW
+            if quarantine:
+                self.quarantined[channel_id] = repr(exc)
+            self.handover(channel_id, ref, queued)
         cid = encode_channel_id(channel_id)
         if quarantine:
             log.error("%s quarantined after %d failures in %.0f s: %r", cid, MAX_FAILURES,

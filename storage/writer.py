@@ -104,11 +104,24 @@ class Chain:
     carry a state built on writes that were lost). Until a chain's request is written, what it
     puts is visible through `Writer.pending` (and `Store.get_latest`)."""
 
-    __slots__ = ("broken", "name")
+    __slots__ = ("broken", "broken_at", "name")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
         self.broken: BaseException | None = None
+        # The request that failed first: those before it may still land (same batch).
+        self.broken_at = 0
+
+
+def _break(req: _Request, error: BaseException) -> None:
+    chain = req.chain
+    if chain is None:
+        return
+    if chain.broken is None:
+        chain.broken = error
+        chain.broken_at = req.seq  # 0 (a request without puts): nothing pending is kept
+    elif req.seq < chain.broken_at:
+        chain.broken_at = req.seq  # an earlier one failed too (retried alone after a batch)
 
 
 class _Request:
@@ -194,8 +207,8 @@ class Writer:
         with self._lock:
             entries = self._pending.get((db, key))
             if entries:
-                for _, chain, value in reversed(entries):
-                    if chain.broken is None:
+                for seq, chain, value in reversed(entries):
+                    if chain.broken is None or seq < chain.broken_at:
                         return True, value
         return False, None
 
@@ -377,8 +390,7 @@ class Writer:
                 log.exception("storage writer batch failed")
                 self._settle(batch)
                 for req in batch:
-                    if req.chain is not None and req.chain.broken is None:
-                        req.chain.broken = exc
+                    _break(req, exc)
                     if not req.future.done():
                         req.future.set_exception(exc)
         finally:
@@ -428,8 +440,7 @@ class Writer:
     @staticmethod
     def _failed(req: _Request, error: BaseException) -> None:
         req.result, req.error = None, error
-        if req.chain is not None and req.chain.broken is None:
-            req.chain.broken = error
+        _break(req, error)
 
     def _run_one(self, txn: lmdb.Transaction, req: _Request) -> None:
         store = self._store

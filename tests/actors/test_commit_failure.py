@@ -13,6 +13,7 @@ import pytest
 
 import paychan
 from paychan.actors.channel_actor import payment_key
+from paychan.actors.node import result_of
 from paychan.protocol.errors import PaychanError, StorageError, Timeout
 from paychan.protocol.identity import decode_channel_id
 from paychan.storage import writer as writer_module
@@ -161,15 +162,17 @@ def test_failed_commit_emits_nothing_and_the_channel_recovers(pair, channel, fai
                what="both sides to settle")
 
 
-def test_commits_queued_behind_a_failed_one_never_land(pair, channel, failing, wait_until):
+def test_a_command_refused_behind_a_failed_commit_goes_to_the_successor(
+        pair, channel, failing, wait_until):
     """Two payments in flight on one actor: the first commit fails, so the second (built on
-    it) is refused by the chain; neither is sent, both callers hear of it."""
+    it) is refused by the chain and nothing of either is sent. The first caller hears of the
+    failure; the second command, refused only because of the first, is taken again by the
+    successor rebuilt from the store and paid exactly once."""
     a, b = pair
     served = Recorder()
     b.on_payment_received(served)
     cid = decode_channel_id(channel)
     before_record = stored(a, channel)
-    before_b = b.balances(channel)
     restarts = a._core.supervisor.restarts
     failing.arm(a, lambda: StorageError("injected: write failed"))
     with writer_held(a):
@@ -182,18 +185,13 @@ def test_commits_queued_behind_a_failed_one_never_land(pair, channel, failing, w
     with pytest.raises(StorageError) as one:
         first.result(WAIT)
     assert not isinstance(one.value, ChainBroken)
-    with pytest.raises(ChainBroken):
-        second.result(WAIT)
-    assert len(failing.failed) == 1  # the second one never reached the store
+    assert result_of(second.result(WAIT)) == ["served", "two", 6]
+    assert len(failing.failed) == 1  # the refused one never reached the store
     wait_until(lambda: a._core.supervisor.restarts == restarts + 1, timeout=WAIT,
                what="A's channel actor to restart")
-    assert stored(a, channel) == before_record
-    assert a._core.store.writer.pending("channels", cid) == (False, None)
-    assert b.balances(channel) == before_b
-    assert served.served == []
-    # Both again, in the other order: each is paid exactly once.
-    assert a.send_message_and_pay(channel, "two", 6, timeout=WAIT, payment_id="p-2") == [
-        "served", "two", 6]
+    assert served.served == ["p-2"]
+    check_agreement(a, b, channel, 6)
+    # The failed one again: paid exactly once.
     assert a.send_message_and_pay(channel, "one", 5, timeout=WAIT, payment_id="p-1") == [
         "served", "one", 5]
     assert served.served == ["p-2", "p-1"]
