@@ -341,15 +341,20 @@ class ChannelActor(InlineActor):
                 except Exception:
                     pass  # already stopped: its successor reads the store
             self._refused(msg, exc)
-        with self._emit_lock:
-            self._settled = fut
-            ready = [f for f in self._followers if f[0] is fut]
-            self._followers = [f for f in self._followers if f[0] is not fut]
-        for _, fn, waiting in ready:
-            if exc is None:
-                fn()
-            else:
-                self._refused(waiting, exc)
+        while True:
+            # Settled only once nothing waits for it any more: a step that arrives while the
+            # waiting ones run waits too, and so keeps its place after them.
+            with self._emit_lock:
+                ready = [f for f in self._followers if f[0] is fut]
+                if not ready:
+                    self._settled = fut
+                    return
+                self._followers = [f for f in self._followers if f[0] is not fut]
+            for _, fn, waiting in ready:
+                if exc is None:
+                    fn()
+                else:
+                    self._refused(waiting, exc)
 
     def _refused(self, msg: Cmd | Start | None, exc: BaseException) -> None:
         """`msg` was handled, but its commit (or an earlier one) failed. One refused only

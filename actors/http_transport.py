@@ -116,6 +116,8 @@ class HttpTransport:
             log.exception("http transport did not stop cleanly")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()  # its selector and wake-up sockets, not left to the collector
 
     async def _stop(self) -> None:
         self._closing = True

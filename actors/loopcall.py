@@ -42,10 +42,8 @@ class LoopCalls:
         if loop is None:
             raise RuntimeError("the event loop is gone")
         with self._lock:
-            if asyncio._get_running_loop() is loop and not self._calls:
-                run_now = True  # on the loop, nothing queued ahead of it: no wake-up needed
-            else:
-                run_now = False
+            # On the loop with nothing queued or being flushed ahead of it: no wake-up needed.
+            run_now = asyncio._get_running_loop() is loop and not self._scheduled
         if run_now:
             fn(*args)
             return
@@ -65,10 +63,13 @@ class LoopCalls:
             raise
 
     def _flush(self) -> None:
-        with self._lock:
-            calls, self._calls = self._calls, deque()
-            self._scheduled = False
-        for fn, args in calls:
+        # One at a time, so that a call made by one of them queues behind the rest.
+        while True:
+            with self._lock:
+                if not self._calls:
+                    self._scheduled = False
+                    return
+                fn, args = self._calls.popleft()
             try:
                 fn(*args)
             except Exception as exc:  # one failing call must not drop the others
