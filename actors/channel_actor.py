@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,22 @@ if TYPE_CHECKING:
 CHANNELS, RESULTS, OUTCOMES, TASKS = "channels", "results", "outcomes", "tasks"
 
 
+def answer(reply: Future[Any] | None, error: BaseException) -> None:
+    """Fail a caller's future unless it was answered meanwhile (by another thread)."""
+    if reply is not None:
+        with contextlib.suppress(InvalidStateError):
+            if not reply.done():
+                reply.set_exception(error)
+
+
+def resolve(reply: Future[Any] | None, value: Any) -> None:
+    """Answer a caller's future unless it was answered meanwhile (by another thread)."""
+    if reply is not None:
+        with contextlib.suppress(InvalidStateError):
+            if not reply.done():
+                reply.set_result(value)
+
+
 @dataclass
 class Cmd:
     """One input for a channel actor, with an optional future for whoever waits on it."""
@@ -36,12 +53,11 @@ class Cmd:
     errors_only: bool = False  # the reply future waits for something else; only fail it
 
     def fail(self, exc: BaseException) -> None:
-        if self.reply is not None and not self.reply.done():
-            self.reply.set_exception(exc)
+        answer(self.reply, exc)
 
     def succeed(self, value: Any) -> None:
-        if self.reply is not None and not self.errors_only and not self.reply.done():
-            self.reply.set_result(value)
+        if not self.errors_only:
+            resolve(self.reply, value)
 
 
 @dataclass
@@ -180,8 +196,7 @@ class ChannelActor(InlineActor):
             try:
                 self.core.supervisor.tell(self.channel_id, message)
             except PaychanError as exc:
-                if message.reply is not None and not message.reply.done():
-                    message.reply.set_exception(exc)
+                answer(message.reply, exc)
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # The supervisor counts the failure and forgets this actor before the caller hears of
@@ -195,11 +210,9 @@ class ChannelActor(InlineActor):
             current = None
         self.core.supervisor.failed(self.channel_id, self.actor_ref, exception_value, queued)
         reply = current.reply if current is not None else None
-        if reply is not None and not reply.done():
-            err = exception_value if isinstance(exception_value, PaychanError) else (
-                InternalError(f"channel actor failed: {exception_value!r}; it restarts from "
-                              "storage"))
-            reply.set_exception(err)
+        answer(reply, exception_value if isinstance(exception_value, PaychanError) else (
+            InternalError(f"channel actor failed: {exception_value!r}; it restarts from "
+                          "storage")))
 
     def _drain(self) -> list[Cmd | Start]:
         """What is still queued here. pykka would drop it with the failed actor (told messages
@@ -232,9 +245,7 @@ class ChannelActor(InlineActor):
 
     def _start(self, msg: Start) -> None:
         if self.state is not None:
-            err = PaychanError("channel already exists")
-            if msg.reply:
-                msg.reply.set_exception(err)
+            answer(msg.reply, PaychanError("channel already exists"))
             return
         self._commit_and_emit(None, msg.state, msg.effects, self.height, msg, msg.state)
 
@@ -368,8 +379,7 @@ class ChannelActor(InlineActor):
                 return
             except PaychanError as err:
                 exc = err
-        if msg.reply is not None and not msg.reply.done():
-            msg.reply.set_exception(exc)
+        answer(msg.reply, exc)
 
     def _emit(self, state: ChannelState, effects: list[Any], msg: Cmd | Start | None,
               value: Any) -> None:
@@ -378,12 +388,10 @@ class ChannelActor(InlineActor):
             self.core.after_commit(self.channel_id, state, effects)
         except Exception as exc:
             self.log.exception("emitting effects failed")
-            if reply is not None and not reply.done():
-                reply.set_exception(InternalError(f"effects failed: {exc!r}"))
+            answer(reply, InternalError(f"effects failed: {exc!r}"))
             return
-        errors_only = isinstance(msg, Cmd) and msg.errors_only
-        if reply is not None and not errors_only and not reply.done():
-            reply.set_result(value)
+        if not (isinstance(msg, Cmd) and msg.errors_only):
+            resolve(reply, value)
 
 
 def outcome_of(core: NodeCore, channel_id: bytes, payment_id: str,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from paychan.actors.channel_actor import ChannelActor, Start
+from paychan.actors.channel_actor import ChannelActor, Start, answer
 from paychan.protocol.errors import NotAllowedAtState, PaychanError
 from paychan.protocol.identity import encode_channel_id
 
@@ -114,28 +114,34 @@ class Supervisor:
         rebuilt from storage takes them, in order, unless the channel is quarantined or the
         node is stopping, when their callers get the refusal."""
         refusal: PaychanError | None = None
+        left = deque(queued)  # not yet delivered
         with self._lock:
             for table in (self._live, self._stopping):
                 entry = table.get(channel_id)
                 if entry is not None and (entry[0] if isinstance(entry, tuple) else entry) is ref:
                     del table[channel_id]  # only its own entry: a successor may be there
-            if queued:
+            deaths = 0
+            while left and refusal is None:
                 try:
                     if self._closed.is_set():
                         raise NotAllowedAtState("the node is stopping")
                     successor = self._ref_locked(channel_id)  # locked: nothing overtakes them
-                    for message in queued:
-                        successor.tell(message)
+                    successor.tell(left[0])
+                    left.popleft()
                 except PaychanError as err:
                     refusal = err
                 except pykka.ActorDeadError:
-                    refusal = NotAllowedAtState(f"channel {encode_channel_id(channel_id)} "
-                                                "cannot be restarted")
+                    # The successor died on one of them (it ran inline): the ones it took are
+                    # its own to answer; the rest go to the next one, a few times at most.
+                    deaths += 1
+                    if deaths > MAX_FAILURES:
+                        refusal = NotAllowedAtState(f"channel {encode_channel_id(channel_id)} "
+                                                    "cannot be restarted")
         if refusal is not None:
-            for message in queued:
+            for message in left:
                 reply = getattr(message, "reply", None)
-                if reply is not None and not reply.done():
-                    reply.set_exception(refusal)
+                if reply is not None:
+                    answer(reply, refusal)
 
     def failed(self, channel_id: bytes, ref: pykka.ActorRef[Any], exc: Any,
                queued: Sequence[Any] = ()) -> None:
@@ -185,8 +191,8 @@ class Supervisor:
         for ref in refs:
             try:
                 ref.stop(block=True, timeout=10)
-            except pykka.ActorDeadError:
-                pass
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass  # gone already, or stuck: reported below, the rest still stop
         alive = [ref for ref in refs if ref.is_alive()]
         if alive:
             log.warning("%d channel actors still alive after stop", len(alive))

@@ -445,7 +445,10 @@ class Writer:
     def _run_one(self, txn: lmdb.Transaction, req: _Request) -> None:
         store = self._store
         chain = req.chain
-        if chain is not None and chain.broken is not None:
+        # Refused once an earlier request of the chain failed; one before the failed one (in
+        # the same batch, retried alone after the batch failed) still lands.
+        if chain is not None and chain.broken is not None and not (
+                req.seq and req.seq < chain.broken_at):
             req.result, req.error = None, ChainBroken(
                 f"an earlier write of {chain.name} failed: {chain.broken}")
             return
