@@ -51,6 +51,7 @@ class Cmd:
     reply: Future[Any] | None = None
     height: int = 0  # for a LedgerUpdate: the ledger height it comes from
     errors_only: bool = False  # the reply future waits for something else; only fail it
+    fresh: bool = False  # a pay whose payment_id was just made up: it has no stored outcome
 
     def fail(self, exc: BaseException) -> None:
         answer(self.reply, exc)
@@ -262,7 +263,7 @@ class ChannelActor(InlineActor):
                 self._when_durable(lambda: cmd.succeed(state), cmd)
                 return  # replayed event we already applied
             height = max(height, event_height)
-        if isinstance(inp, machine.ActionPay):
+        if isinstance(inp, machine.ActionPay) and not cmd.fresh:
             done = outcome_of(self.core, self.channel_id, inp.payment_id, latest=True)
             if done is not None:
                 # A retry whose answer was committed after the caller looked for it: the machine

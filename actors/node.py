@@ -217,10 +217,10 @@ class NodeCore:
         return [key for key, _ in self.store.iter_prefix(CHANNELS, b"")]
 
     def tell(self, channel_id: bytes, inp: Any, reply: Future[Any] | None = None,
-             height: int = 0, errors_only: bool = False) -> None:
+             height: int = 0, errors_only: bool = False, fresh: bool = False) -> None:
         if self._closed:
             raise NotAllowedAtState("the node is closed")
-        self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only))
+        self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only, fresh))
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
         fut: Future[Any] = Future()
@@ -521,7 +521,7 @@ class NodeCore:
         with self._lock:
             fut = self.waiters.get(key) or self.waiters.setdefault(key, Future())
         try:
-            self.tell(channel_id, action, fut, errors_only=True)
+            self.tell(channel_id, action, fut, errors_only=True, fresh=fresh)
         except PaychanError:
             self.waiters.pop(key, None)
             raise
