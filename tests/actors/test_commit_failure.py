@@ -4,72 +4,28 @@ later write land. Failures are injected into the writer's `apply` for one node's
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import lmdb
 import pytest
+from commit_faults import DEPOSIT, FailingCommits, Served, check_agreement
 
 import paychan
 from paychan.actors.channel_actor import payment_key
 from paychan.actors.node import result_of
 from paychan.protocol.errors import PaychanError, StorageError, Timeout
 from paychan.protocol.identity import decode_channel_id
-from paychan.storage import writer as writer_module
 from paychan.storage.env import Store
 from paychan.storage.errors import ChainBroken
-from paychan.storage.writer import Op
 
 WAIT = 5.0
-DEPOSIT = 1_000  # conftest's channel deposit, made by A
-
-
-class FailingCommits:
-    """Fails the next `times` requests that write the "channels" database of one store."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = writer_module.apply
-        self.lock = threading.Lock()
-        self.path: str | None = None
-        self.left = 0
-        self.error: Callable[[], BaseException] = lambda: StorageError("injected")
-        self.failed: list[tuple[Op, ...]] = []
-        monkeypatch.setattr(writer_module, "apply", self.apply)
-
-    def arm(self, node: paychan.Node, error: Callable[[], BaseException],
-            times: int = 1) -> None:
-        with self.lock:
-            self.path, self.error, self.left = node._core.store.path, error, times
-
-    def apply(self, txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
-        with self.lock:
-            fail = (self.left > 0 and store.path == self.path
-                    and any(op.db == "channels" for op in ops))
-            if fail:
-                self.left -= 1
-                self.failed.append(tuple(ops))
-        if fail:
-            raise self.error()
-        return self.real(txn, store, ops)
 
 
 @pytest.fixture
 def failing(monkeypatch: pytest.MonkeyPatch) -> FailingCommits:
     return FailingCommits(monkeypatch)
-
-
-class Recorder:
-    """B's payment handler: remembers the payment ids it served."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.served: list[str] = []
-
-    def __call__(self, p: paychan.Payment) -> Any:
-        with self.lock:
-            self.served.append(p.payment_id)
-        return ["served", p.message, p.amount]
 
 
 @contextmanager
@@ -99,18 +55,6 @@ def outcome(node: paychan.Node, ch: str, pid: str) -> bytes | None:
     return node._core.store.get("outcomes", payment_key(decode_channel_id(ch), pid))
 
 
-def check_agreement(a: paychan.Node, b: paychan.Node, ch: str, sent: int) -> None:
-    """Both sides agree on what A sent, and the deposits are all accounted for."""
-    sa, sb = a.balances(ch), b.balances(ch)
-    assert sa["sent_by_me"] == sb["sent_by_peer"] == sent
-    assert sa["sent_by_peer"] == sb["sent_by_me"] == 0
-    assert sa["deposited_by_me"] == sb["deposited_by_peer"] == DEPOSIT
-    assert sa["my_balance"] + sa["peer_balance"] == DEPOSIT
-    assert sb["my_balance"] + sb["peer_balance"] == DEPOSIT
-    assert (sa["my_balance"], sa["peer_balance"]) == (sb["peer_balance"], sb["my_balance"])
-    assert sa["my_balance"] == DEPOSIT - sent
-
-
 def settled(node: paychan.Node, ch: str) -> bool:
     s = node._core.state(decode_channel_id(ch))
     return not s.outgoing and not s.serving
@@ -123,7 +67,7 @@ def settled(node: paychan.Node, ch: str) -> bool:
 def test_failed_commit_emits_nothing_and_the_channel_recovers(pair, channel, failing, error,
                                                               wait_until):
     a, b = pair
-    served = Recorder()
+    served = Served()
     b.on_payment_received(served)
     assert a.send_message_and_pay(channel, "warm up", 2, payment_id="p-warm") == [
         "served", "warm up", 2]
@@ -169,7 +113,7 @@ def test_a_command_refused_behind_a_failed_commit_goes_to_the_successor(
     failure; the second command, refused only because of the first, is taken again by the
     successor rebuilt from the store and paid exactly once."""
     a, b = pair
-    served = Recorder()
+    served = Served()
     b.on_payment_received(served)
     cid = decode_channel_id(channel)
     before_record = stored(a, channel)
@@ -207,7 +151,7 @@ def test_successor_does_not_build_on_a_commit_that_then_fails(nodes, ledger, fai
     a = nodes.open("a", max_live_channels=1)
     b = nodes.open("b")
     ledger.mint(a.address, 2 * DEPOSIT)
-    served = Recorder()
+    served = Served()
     b.on_payment_received(served)
     ch1 = a.create_channel(b, DEPOSIT, dispute_period=60)
     ch2 = a.create_channel(b, DEPOSIT, dispute_period=60)

@@ -18,7 +18,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import lmdb
 import pykka
 import pytest
+from commit_faults import DEPOSIT, FailingCommits, Served, check_agreement
 
 import paychan
 from paychan.actors.channel_actor import ChannelActor, Cmd, load_record
@@ -34,12 +35,10 @@ from paychan.actors.node import NodeCore, result_of
 from paychan.protocol import channel as machine
 from paychan.protocol.errors import InternalError, StorageError
 from paychan.protocol.identity import decode_channel_id
-from paychan.storage import writer as writer_module
 from paychan.storage.env import Store
-from paychan.storage.writer import Op, Writer
+from paychan.storage.writer import Writer
 
 WAIT = 5.0
-DEPOSIT = 1_000  # conftest's channel deposit, made by A
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -86,23 +85,6 @@ def gates(nodes: Any) -> Iterator[Gates]:
     made.open_all()
 
 
-class Served:
-    """B's payment handler: counts how often each payment id was served."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.served: list[str] = []
-
-    def __call__(self, p: paychan.Payment) -> Any:
-        with self.lock:
-            self.served.append(p.payment_id)
-        return ["served", p.message, p.amount]
-
-    def ids(self) -> list[str]:
-        with self.lock:
-            return list(self.served)
-
-
 def start_thread(target: Callable[[], Any]) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -112,45 +94,6 @@ def start_thread(target: Callable[[], Any]) -> threading.Thread:
 def joined(thread: threading.Thread) -> None:
     thread.join(WAIT)
     assert not thread.is_alive(), "a helper thread is stuck"
-
-
-def check_agreement(a: paychan.Node, b: paychan.Node, ch: str, sent: int,
-                    deposit_b: int = 0) -> None:
-    """Both sides agree on what A sent and on both deposits."""
-    sa, sb = a.balances(ch), b.balances(ch)
-    assert sa["sent_by_me"] == sb["sent_by_peer"] == sent
-    assert sa["sent_by_peer"] == sb["sent_by_me"] == 0
-    assert sa["deposited_by_me"] == sb["deposited_by_peer"] == DEPOSIT
-    assert sa["deposited_by_peer"] == sb["deposited_by_me"] == deposit_b
-    assert (sa["my_balance"], sa["peer_balance"]) == (sb["peer_balance"], sb["my_balance"])
-    assert sa["my_balance"] == DEPOSIT - sent
-
-
-class FailingCommits:
-    """Fails the next request that writes the "channels" database of one store."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = writer_module.apply
-        self.lock = threading.Lock()
-        self.path: str | None = None
-        self.left = 0
-        self.failed = 0
-        monkeypatch.setattr(writer_module, "apply", self.apply)
-
-    def arm(self, node: paychan.Node) -> None:
-        with self.lock:
-            self.path, self.left = node._core.store.path, 1
-
-    def apply(self, txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
-        with self.lock:
-            fail = (self.left > 0 and store.path == self.path
-                    and any(op.db == "channels" for op in ops))
-            if fail:
-                self.left -= 1
-                self.failed += 1
-        if fail:
-            raise StorageError("injected: write failed")
-        return self.real(txn, store, ops)
 
 
 @pytest.fixture
@@ -471,7 +414,7 @@ def test_ledger_event_refused_behind_a_failed_commit_reaches_the_successor(
     held.let_go()
     with pytest.raises(StorageError):
         doomed.result(WAIT)
-    assert failing.failed == 1
+    assert len(failing.failed) == 1
     wait_until(lambda: a.balances(channel)["deposited_by_peer"] == 200, timeout=WAIT,
                what="A to see B's deposit after the failed commit")
     assert core.supervisor.restarts == restarts + 1
@@ -527,7 +470,7 @@ def test_pay_queued_behind_a_failed_one_is_paid_exactly_once(
     with pytest.raises(StorageError):
         first.result(WAIT)
     assert result_of(second.result(WAIT)) == ["served", "two", 6]
-    assert failing.failed == 1
+    assert len(failing.failed) == 1
     assert served.ids() == ["p-2"]
     check_agreement(a, b, channel, 6)
     assert a.send_message_and_pay(channel, "one", 5, timeout=WAIT, payment_id="p-1") == [

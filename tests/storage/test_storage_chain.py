@@ -1,7 +1,7 @@
 """Chained writer requests: visible through `pending` until written, all-or-nothing after a
 failure, and `help()` writing on the caller's thread (but never from a completing callback)."""
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,38 +9,13 @@ from typing import Any
 
 import lmdb
 import pytest
+from boom import BOOM, Injected
 
-from paychan.storage import writer as writer_module
 from paychan.storage.env import Store
 from paychan.storage.errors import ChainBroken
-from paychan.storage.writer import Chain, Delete, Op, Put, Writer
+from paychan.storage.writer import Chain, Delete, Put, Writer
 
 WAIT = 5.0
-BOOM = b"BOOM"  # a Put of this value fails inside the writer (see `failing_apply`)
-
-
-class Injected(RuntimeError):
-    """The failure of a request that puts BOOM."""
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def failing_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Requests that put BOOM fail as a write would; every other request is applied."""
-    real = writer_module.apply
-
-    def apply(txn: lmdb.Transaction, s: Store, ops: Sequence[Op]) -> list[int]:
-        if any(isinstance(op, Put) and op.value == BOOM for op in ops):
-            raise Injected("injected write failure")
-        return real(txn, s, ops)
-
-    monkeypatch.setattr(writer_module, "apply", apply)
 
 
 @contextmanager

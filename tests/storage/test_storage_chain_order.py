@@ -5,42 +5,17 @@ show the value from before them, one a successor starting meanwhile would build 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import lmdb
 import pytest
+from boom import BOOM, Injected
 
-from paychan.storage import writer as writer_module
 from paychan.storage.env import Store
 from paychan.storage.errors import ChainBroken
-from paychan.storage.writer import Chain, Op, Put
+from paychan.storage.writer import Chain, Put
 
 WAIT = 5.0
-BOOM = b"BOOM"  # a Put of this value fails inside the writer
-
-
-class Injected(RuntimeError):
-    """The failure of a request that puts BOOM."""
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def failing_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = writer_module.apply
-
-    def apply(txn: lmdb.Transaction, s: Store, ops: Sequence[Op]) -> list[int]:
-        if any(isinstance(op, Put) and op.value == BOOM for op in ops):
-            raise Injected("injected write failure")
-        return real(txn, s, ops)
-
-    monkeypatch.setattr(writer_module, "apply", apply)
 
 
 class Pause:

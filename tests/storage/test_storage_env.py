@@ -1,6 +1,5 @@
 """The store: one environment per path, reopen persistence, schema refusal, reads, map full."""
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
@@ -10,13 +9,6 @@ from paychan.storage.env import DB_NAMES, SCHEMA_VERSION, Store
 from paychan.storage.errors import SchemaTooNew, StorageError, StoreClosed, StoreFull
 from paychan.storage.keys import from_u64, pack, u64
 from paychan.storage.writer import Append, Put
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
 
 
 def test_reopen_keeps_data(tmp_path: Path) -> None:

@@ -17,13 +17,6 @@ from paychan.storage.writer import Append, Delete, Put
 WAIT = 10.0
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
 @contextmanager
 def writer_held(store: Store) -> Iterator[Future[None]]:
     """Keep the writer busy inside one request so that everything submitted meanwhile
