@@ -35,10 +35,12 @@ from paychan.protocol.errors import (
     PaychanError,
     Rejected,
     Unauthorized,
+    from_wire,
 )
 from paychan.protocol.identity import Identity, encode_address, encode_channel_id
 from paychan.protocol.wire import MAX_BODY, OpenPropose, body_size, decode, encode
 from paychan.storage.env import Store
+from paychan.storage.future import LightFuture
 from paychan.storage.keys import pack, unpack
 from paychan.storage.writer import Chain, Put
 
@@ -87,13 +89,12 @@ def timed_out(payment_id: str, timeout: float) -> PaychanError:
 
 def result_of(outcome: dict[str, Any]) -> Any:
     """The response of a payment's outcome, or its error raised."""
-    from paychan.protocol.errors import from_wire
-    if outcome["error"] is not None:
-        err = from_wire(outcome["error"])
-        if outcome.get("refunded"):
-            err = type(err)(f"{err.message} (refunded)")
-        raise err
-    return outcome["response"]
+    if outcome["error"] is None:
+        return outcome["response"]
+    err = from_wire(outcome["error"])
+    if outcome.get("refunded"):
+        err = type(err)(f"{err.message} (refunded)")
+    raise err
 
 
 class NodeCore:
@@ -223,14 +224,14 @@ class NodeCore:
         self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only, fresh))
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
-        fut: Future[Any] = Future()
+        fut: Future[Any] = LightFuture()
         self.tell(channel_id, inp, fut)
         result: ChannelState = fut.result(timeout)
         return result
 
     def start_channel(self, state: ChannelState, effects: list[Any],
                       timeout: float = 30.0) -> None:
-        fut: Future[Any] = Future()
+        fut: Future[Any] = LightFuture()
         self.supervisor.start_new(state.channel_id, Start(state, effects, fut))
         fut.result(timeout)
 
@@ -514,12 +515,12 @@ class NodeCore:
         # A payment_id just made up cannot have an outcome yet: no need to look.
         outcome = None if fresh else outcome_of(self, channel_id, payment_id)
         if outcome is not None:
-            fut = Future()
+            fut = LightFuture()
             fut.set_result(outcome)
             return fut
         key = (channel_id, payment_id)
         with self._lock:
-            fut = self.waiters.get(key) or self.waiters.setdefault(key, Future())
+            fut = self.waiters.get(key) or self.waiters.setdefault(key, LightFuture())
         try:
             self.tell(channel_id, action, fut, errors_only=True, fresh=fresh)
         except PaychanError:

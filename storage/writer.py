@@ -15,6 +15,7 @@ import lmdb
 
 from paychan.storage.env import DB_NAMES, last_under, store_full
 from paychan.storage.errors import ChainBroken, StorageError, StoreClosed
+from paychan.storage.future import LightFuture
 from paychan.storage.keys import U64_MAX, from_u64, u64
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class _Request:
         self.fn = fn
         self.chain = chain
         self.seq = 0
-        self.future: Future[Any] = Future()
+        self.future: Future[Any] = LightFuture()
         self.result: Any = None
         self.error: BaseException | None = None
 
