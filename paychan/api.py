@@ -6,7 +6,6 @@ import functools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -215,7 +214,7 @@ class Node:
                              payment_id: str | None = None) -> Any:
         """Pay `amount` with `message`; returns the peer's response. Retrying with the same
         `payment_id` never pays twice."""
-        pid = payment_id or uuid.uuid4().hex
+        pid = payment_id or os.urandom(16).hex()
         return self._core.pay(_cid(ch), pid, amount, message, timeout, fresh=payment_id is None)
 
     def send_message(self, ch: str, message: Any) -> None:
@@ -310,7 +309,7 @@ class Node:
     async def asend_message_and_pay(self, ch: str, message: Any, amount: int,
                                     timeout: float = 10.0, payment_id: str | None = None) -> Any:
         """Like send_message_and_pay, awaiting the answer without holding a thread."""
-        pid = payment_id or uuid.uuid4().hex
+        pid = payment_id or os.urandom(16).hex()
         fut = self._core.pay_future(_cid(ch), pid, amount, message, fresh=payment_id is None)
         loop = asyncio.get_running_loop()
         waiting: asyncio.Future[Any] = loop.create_future()

@@ -268,9 +268,12 @@ class Store:
 
     def get(self, db: DbRef, key: bytes, txn: lmdb.Transaction | None = None) -> bytes | None:
         """The raw value at `key`, or None."""
-        with self._read(txn) as t:
-            # Without buffers=True, py-lmdb returns bytes copies, valid after the txn ends.
-            return cast("bytes | None", t.get(key, db=self._handle(db)))
+        handle = self.db(db) if isinstance(db, str) else db
+        # Without buffers=True, py-lmdb returns bytes copies, valid after the txn ends.
+        if txn is not None:
+            return cast("bytes | None", txn.get(key, db=handle))
+        with self.env.begin() as own:  # not _read: this runs several times per payment
+            return cast("bytes | None", own.get(key, db=handle))
 
     def get_latest(self, db: str, key: bytes) -> bytes | None:
         """Like `get`, but a value a chained writer request is about to write wins (see
