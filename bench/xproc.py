@@ -378,6 +378,7 @@ def paychan_payer(args: argparse.Namespace) -> int:
             ids[c] = node.create_channel(args.peer, args.deposit)
 
         bench.run_threads(create, channels, min(channels, 16))
+        paychan.tune_gc()  # as `paychan node run` does; the bare programs too
         answer(out, {"ready": True, "address": node.address,
                      "setup_s": round(time.perf_counter() - t0, 3)})
         firsts = [0] * channels
@@ -512,6 +513,7 @@ def bare_payee(args: argparse.Namespace) -> int:
     from aiohttp import WSMsgType, web
 
     from paychan.protocol.wire import Pay, PayResult, decode, encode
+    from paychan.service import tune_gc
     from paychan.storage.keys import pack
     from paychan.storage.writer import Put
 
@@ -573,6 +575,7 @@ def bare_payee(args: argparse.Namespace) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", args.port).start()
+        tune_gc()
         answer(out, {"ready": True, "public": party.public.hex()})
         await stopping.wait()
         await runner.cleanup()
@@ -589,6 +592,7 @@ def bare_payer(args: argparse.Namespace) -> int:
     import aiohttp
 
     from paychan.protocol.wire import Pay, PayResult, Voucher, decode, encode
+    from paychan.service import tune_gc
     from paychan.storage.keys import pack
     from paychan.storage.writer import Put
 
@@ -684,6 +688,7 @@ def bare_payer(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(args.peer.rstrip("/") + "/ws", max_msg_size=1 << 20)
             reader = loop.create_task(read(ws))
+            tune_gc()
             answer(out, {"ready": True, "setup_s": round(time.perf_counter() - t0, 3)})
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)

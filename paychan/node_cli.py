@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from paychan.api import EVENTS, Ledger, Node, Payment
+from paychan.service import tune_gc
 
 log = logging.getLogger("paychan.daemon")
 
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     for event in EVENTS:
         if event != "payment_received":  # one line per payment would flood the log
             node.on(event, lambda e: log.info("event %s", json.dumps(e, default=str)))
+    tune_gc()  # a daemon: what startup built lives as long as the process
     print(f"node {node.address} running", flush=True)
     try:
         code = node.pairing_code
