@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -232,10 +233,21 @@ class Msg:
     SCHEMA: ClassVar[tuple[tuple[str, str], ...]]
     channel_id: bytes
 
+    # (field, its check, its name in errors), made once per class: messages are built on
+    # every payment and formatting the names each time shows.
+    _CHECKS: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], str], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._CHECKS = tuple((name, _KINDS[kind], f"{cls.TYPE}.{name}")
+                            for name, kind in cls.SCHEMA)
+
     def __post_init__(self) -> None:
-        for name, kind in self.SCHEMA:
-            value = _KINDS[kind](getattr(self, name), f"{self.TYPE}.{name}")
-            object.__setattr__(self, name, value)
+        for name, check, label in self._CHECKS:
+            value = getattr(self, name)
+            checked = check(value, label)
+            if checked is not value:  # decoded into its type (a voucher from a list)
+                object.__setattr__(self, name, checked)
 
 
 def _as_obj(v: Any) -> Any:
