@@ -14,7 +14,8 @@ from concurrent.futures._base import (
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("paychan.storage")
+# The logger concurrent.futures reports callback failures on, so handlers set for it apply.
+log = logging.getLogger("concurrent.futures")
 
 _ENDED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 _CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
@@ -119,32 +120,36 @@ class LightFuture(Future[T]):
 
     def set_running_or_notify_cancel(self) -> bool:
         with self._lock:
-            if self._state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-                notify = True
-            elif self._state == PENDING:
+            state = self._state
+            if state == PENDING:
                 self._state = RUNNING
                 return True
-            else:
-                raise RuntimeError(f"Future in unexpected state: {self._state}")
-        if notify:
-            self._wake("add_cancelled")
+            if state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+        if state != CANCELLED:  # logged and raised outside the lock, as repr() takes it
+            log.critical("Future %s in unexpected state: %s", id(self), state)
+            raise RuntimeError("Future in unexpected state")
+        self._wake("add_cancelled")
         return False
 
     def set_result(self, result: Any) -> None:
         with self._lock:
-            if self._state in _ENDED:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
+            ended = self._state in _ENDED
+            if not ended:
+                self._result = result
+                self._state = FINISHED
+        if ended:  # raised outside the lock: repr() takes it
+            raise InvalidStateError(f"{self._state}: {self!r}")
         self._wake("add_result")
         self._invoke_callbacks()
 
     def set_exception(self, exception: BaseException | None) -> None:
         with self._lock:
-            if self._state in _ENDED:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
+            ended = self._state in _ENDED
+            if not ended:
+                self._exception = exception
+                self._state = FINISHED
+        if ended:  # raised outside the lock: repr() takes it
+            raise InvalidStateError(f"{self._state}: {self!r}")
         self._wake("add_exception")
         self._invoke_callbacks()
