@@ -133,23 +133,18 @@ class LightFuture(Future[T]):
         return False
 
     def set_result(self, result: Any) -> None:
-        with self._lock:
-            ended = self._state in _ENDED
-            if not ended:
-                self._result = result
-                self._state = FINISHED
-        if ended:  # raised outside the lock: repr() takes it
-            raise InvalidStateError(f"{self._state}: {self!r}")
-        self._wake("add_result")
-        self._invoke_callbacks()
+        self._finish(result, None, "add_result")
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception, "add_exception")
+
+    def _finish(self, result: Any, exception: BaseException | None, notify: str) -> None:
         with self._lock:
             ended = self._state in _ENDED
             if not ended:
-                self._exception = exception
+                self._result, self._exception = result, exception
                 self._state = FINISHED
         if ended:  # raised outside the lock: repr() takes it
             raise InvalidStateError(f"{self._state}: {self!r}")
-        self._wake("add_exception")
+        self._wake(notify)
         self._invoke_callbacks()
