@@ -139,12 +139,30 @@ class LightFuture(Future[T]):
         self._finish(None, exception, "add_exception")
 
     def _finish(self, result: Any, exception: BaseException | None, notify: str) -> None:
-        with self._lock:
-            ended = self._state in _ENDED
-            if not ended:
-                self._result, self._exception = result, exception
-                self._state = FINISHED
+        # Once a Condition exists, the state changes under it too: concurrent.futures.wait
+        # reads the state of several futures while holding their Conditions.
+        while True:
+            cond = self._cond
+            if cond is None:
+                with self._lock:
+                    if self._cond is not None:
+                        continue  # a waiter made one meanwhile
+                    ended = self._state in _ENDED
+                    if not ended:
+                        self._result, self._exception = result, exception
+                        self._state = FINISHED
+                break
+            with cond:
+                with self._lock:
+                    ended = self._state in _ENDED
+                    if not ended:
+                        self._result, self._exception = result, exception
+                        self._state = FINISHED
+                if not ended:
+                    for waiter in self._waiters:
+                        getattr(waiter, notify)(self)
+                    cond.notify_all()
+            break
         if ended:  # raised outside the lock: repr() takes it
             raise InvalidStateError(f"{self._state}: {self!r}")
-        self._wake(notify)
         self._invoke_callbacks()
