@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
@@ -26,9 +27,9 @@ class LightFuture(Future[T]):
     included), but most futures of a payment only ever get a callback and a result: a plain
     lock guards their state, and the Condition (with its RLock, deque and waiters) that
     `Future` makes for each is made only for a thread that blocks on `result`/`exception` or
-    for `wait`. Every state change happens under `_lock`; waking waiters happens afterwards
-    under the Condition, if there is one, which a waiter creates under `_lock` and holds while
-    it checks the state: so a waiter either sees the final state or is woken."""
+    for `wait`. Every state change happens under `_lock` and, once a waiter created the
+    Condition (under `_lock`), under that Condition too, which also wakes the waiters: so a
+    waiter holding the Condition sees a state that cannot move, and is woken when it does."""
 
     def __init__(self) -> None:  # no super().__init__(): it builds the Condition
         self._lock = threading.Lock()
@@ -46,24 +47,37 @@ class LightFuture(Future[T]):
                 self._cond = threading.Condition()
             return self._cond
 
-    def _wake(self, notify_waiters: str | None) -> None:
-        cond = self._cond  # read after the state changed under _lock (see the class doc)
-        if cond is None:
-            return
-        with cond:
-            if notify_waiters is not None:
-                for waiter in self._waiters:
-                    getattr(waiter, notify_waiters)(self)
-            cond.notify_all()
+    def _change(self, change: Callable[[], bool], notify: str | None) -> bool:
+        """Run `change()`, which reads and sets the state and says whether it moved, under
+        `_lock` and, once a waiter made a Condition, under that Condition too (as
+        concurrent.futures.wait reads the states of several futures while holding theirs);
+        then wake the waiters if it moved."""
+        while True:
+            cond = self._cond
+            if cond is None:
+                with self._lock:
+                    if self._cond is None:
+                        return change()
+                continue  # a waiter made one meanwhile
+            with cond:
+                with self._lock:
+                    changed = change()
+                if changed:
+                    if notify is not None:
+                        for waiter in self._waiters:
+                            getattr(waiter, notify)(self)
+                    cond.notify_all()
+                return changed
 
     def cancel(self) -> bool:
-        with self._lock:
-            if self._state in (RUNNING, FINISHED):
+        def change() -> bool:
+            if self._state in (RUNNING, FINISHED, *_CANCELLED):
                 return False
-            if self._state in _CANCELLED:
-                return True
             self._state = CANCELLED
-        self._wake(None)
+            return True
+
+        if not self._change(change, None):
+            return self._state in _CANCELLED  # cancelled before: still True
         self._invoke_callbacks()
         return True
 
@@ -119,17 +133,24 @@ class LightFuture(Future[T]):
         return self._outcome(timeout, False)
 
     def set_running_or_notify_cancel(self) -> bool:
-        with self._lock:
-            state = self._state
-            if state == PENDING:
+        prior = PENDING
+
+        def change() -> bool:
+            nonlocal prior
+            prior = self._state
+            if prior == PENDING:
                 self._state = RUNNING
-                return True
-            if state == CANCELLED:
+            elif prior == CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
-        if state != CANCELLED:  # logged and raised outside the lock, as repr() takes it
-            log.critical("Future %s in unexpected state: %s", id(self), state)
+                return True  # waiters hear of the cancel
+            return False
+
+        self._change(change, "add_cancelled")
+        if prior == PENDING:
+            return True
+        if prior != CANCELLED:  # logged and raised outside the lock, as repr() takes it
+            log.critical("Future %s in unexpected state: %s", id(self), prior)
             raise RuntimeError("Future in unexpected state")
-        self._wake("add_cancelled")
         return False
 
     def set_result(self, result: Any) -> None:
@@ -139,30 +160,13 @@ class LightFuture(Future[T]):
         self._finish(None, exception, "add_exception")
 
     def _finish(self, result: Any, exception: BaseException | None, notify: str) -> None:
-        # Once a Condition exists, the state changes under it too: concurrent.futures.wait
-        # reads the state of several futures while holding their Conditions.
-        while True:
-            cond = self._cond
-            if cond is None:
-                with self._lock:
-                    if self._cond is not None:
-                        continue  # a waiter made one meanwhile
-                    ended = self._state in _ENDED
-                    if not ended:
-                        self._result, self._exception = result, exception
-                        self._state = FINISHED
-                break
-            with cond:
-                with self._lock:
-                    ended = self._state in _ENDED
-                    if not ended:
-                        self._result, self._exception = result, exception
-                        self._state = FINISHED
-                if not ended:
-                    for waiter in self._waiters:
-                        getattr(waiter, notify)(self)
-                    cond.notify_all()
-            break
-        if ended:  # raised outside the lock: repr() takes it
+        def change() -> bool:
+            if self._state in _ENDED:
+                return False
+            self._result, self._exception = result, exception
+            self._state = FINISHED
+            return True
+
+        if not self._change(change, notify):  # raised outside the lock: repr() takes it
             raise InvalidStateError(f"{self._state}: {self!r}")
         self._invoke_callbacks()
