@@ -38,7 +38,7 @@ from paychan.protocol.errors import (
     from_wire,
 )
 from paychan.protocol.identity import Identity, encode_address, encode_channel_id
-from paychan.protocol.wire import MAX_BODY, OpenPropose, body_size, decode, encode
+from paychan.protocol.wire import OpenPropose, decode, encode
 from paychan.storage.env import Store
 from paychan.storage.future import LightFuture
 from paychan.storage.keys import pack, unpack
@@ -48,6 +48,7 @@ log = logging.getLogger("paychan.node")
 
 KV = "kv"
 UNHEARD_KEPT = 256  # per event name, for a callback registered after the event
+HANDLER_ERROR_CHARS = 2000  # of a failed handler's exception, told to the payer
 FREQUENT_EVENTS = frozenset({"payment_received"})
 _REPLAY: dict[str, Any] = {"event": "_replay"}  # wakes the dispatcher for a backlog
 _SEED = b"identity_seed"
@@ -306,26 +307,29 @@ class NodeCore:
             self.running = {key for key in self.running if key[0] != channel_id}
 
     def _call_handler(self, cid: bytes, payment: Payment) -> None:
-        response, error = None, None
         # Calls resumed while the node is opening may come before the application has set
         # its handler: wait a little rather than answer them with nothing.
-        self.handler_set.wait(self.handler_grace)
+        if not self.handler_set.is_set():
+            self.handler_set.wait(self.handler_grace)
+        pid = payment.payment_id
         try:
+            response = None
             if self.payment_handler is not None:
                 response = self.payment_handler(payment)
-            if body_size(response) > MAX_BODY:
-                raise ValueError(f"response is larger than {MAX_BODY} bytes")
+            # Refuses a response that cannot travel (too large, not msgpack-able).
+            done = machine.ActionHandlerDone(pid, response, None)
         except Exception as exc:
-            log.info("%s: handler failed for %s, refunding: %r", payment.channel_id,
-                     payment.payment_id, exc)
-            response, error = None, HandlerError(f"{type(exc).__name__}: {exc}").to_wire()
+            log.info("%s: handler failed for %s, refunding: %r", payment.channel_id, pid, exc)
+            # Cut: the peer's decoder refuses an error over MAX_BODY.
+            why = f"{type(exc).__name__}: {exc}"[:HANDLER_ERROR_CHARS]
+            done = machine.ActionHandlerDone(pid, None, HandlerError(why).to_wire())
         try:
             # Still marked running until the result is committed (after_commit), so a
             # duplicate arriving meanwhile does not run the handler a second time.
-            self.tell(cid, machine.ActionHandlerDone(payment.payment_id, response, error))
+            self.tell(cid, done)
         except PaychanError as exc:
             with self._lock:
-                self.running.discard((cid, payment.payment_id))
+                self.running.discard((cid, pid))
             log.warning("%s: cannot report a handler result: %s", payment.channel_id, exc)
 
     # -- events for the application --------------------------------------------------------

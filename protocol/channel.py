@@ -33,6 +33,7 @@ from paychan.protocol.wire import (
     Sync,
     Voucher,
     check_body,
+    check_error,
     decode,
     encode,
     sign_close,
@@ -50,6 +51,10 @@ class Phase(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     REJECTED = "rejected"
+
+    # Members are singletons compared by identity, so identity can hash them too, in C: the
+    # transition table is looked up by phase on every step (Enum hashes the name in Python).
+    __hash__ = object.__hash__
 
 
 ALL_PHASES = tuple(Phase)
@@ -141,7 +146,7 @@ class ChannelState:
 
     def to_obj(self) -> list[Any]:
         return [
-            self.params.to_obj(), self.me, self.phase.value, self.period, self.deposit_me,
+            self.params.to_obj(), self.me, self.phase._value_, self.period, self.deposit_me,
             self.deposit_peer, _v(self.my_voucher), _v(self.peer_voucher), self.credit_used,
             [[o.payment_id, o.amount, o.voucher.to_obj(), o.message] for o in self.outgoing],
             [list(x) for x in self.serving], [encode(p) for p in self.postponed],
@@ -213,9 +218,17 @@ class ActionPay:
 
 @dataclass(frozen=True, slots=True)
 class ActionHandlerDone:
+    """The handler's answer; a response that could not travel is refused here, where the
+    node can still turn it into a handler failure."""
+
     payment_id: str
     response: Any = None
     error: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        check_body(self.response, "response")
+        if self.error is not None:
+            check_error(self.error, "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,7 +493,8 @@ def _pay(s: ChannelState, a: ActionPay, now: int, key: Identity) -> tuple[Channe
     v = Voucher.create(key, s.channel_id, s.period, s.my_nonce + 1, s.my_sent + a.amount)
     out = OutPay(a.payment_id, a.amount, v, a.message)
     s2 = replace(s, my_voucher=v, outgoing=(*s.outgoing, out))
-    return s2, [Send(Pay(s.channel_id, a.payment_id, v, a.amount, a.message))]
+    # ActionPay checked the id, amount and message; the voucher was just made.
+    return s2, [Send(Pay._trusted(s.channel_id, a.payment_id, v, a.amount, a.message))]
 
 
 def _receive_pay(s: ChannelState, r: ReceivePay, now: int,
@@ -541,7 +555,8 @@ def _handler_done(s: ChannelState, a: ActionHandlerDone, now: int,
         raise LocalProtocolError(f"payment {a.payment_id} is not being served")
     s = replace(s, serving=tuple(x for x in s.serving if x[0] != a.payment_id))
     if a.error is None:
-        result = PayResult(s.channel_id, a.payment_id, a.response, None, None)
+        # The id is one we serve; ActionHandlerDone checked the response.
+        result = PayResult._trusted(s.channel_id, a.payment_id, a.response, None, None)
         return s, [RecordResult(result), Send(result),
                    NotifyEvent("payment_received", {"payment_id": a.payment_id,
                                                     "amount": amount})]
@@ -899,20 +914,35 @@ def step(state: ChannelState, inp: Any, now: int, key: Identity) -> tuple[Channe
 
 def check_invariants(s: ChannelState) -> None:
     """Money rules that hold after every step, in production too."""
+    # Runs after every step: the figures are read once rather than through the properties.
+    mine, theirs = s.my_voucher, s.peer_voucher
+    my_sent = mine.sent if mine is not None else 0
+    peer_sent = theirs.sent if theirs is not None else 0
+    my_balance = s.deposit_me - my_sent + peer_sent
+    peer_balance = s.deposit_peer - peer_sent + my_sent
+    cid, period = s.params.channel_id, s.period
+    held_ok = ((mine is None or (mine.channel_id == cid and mine.period == period))
+               and (theirs is None or (theirs.channel_id == cid and theirs.period == period)))
+    my_nonce = mine.nonce if mine is not None else 0
+    outgoing_ok = True
+    for o in s.outgoing:
+        if o.voucher.nonce > my_nonce:
+            outgoing_ok = False
+    if (my_balance >= 0 and peer_balance >= 0 and 0 <= s.credit_used <= peer_sent and held_ok
+            and outgoing_ok):
+        return
     problems = []
-    if s.my_balance < 0:
-        problems.append(f"my balance {s.my_balance} is negative")
-    if s.peer_balance < 0:
-        problems.append(f"peer balance {s.peer_balance} is negative")
-    if not 0 <= s.credit_used <= s.peer_sent:
-        problems.append(f"credit used {s.credit_used} outside [0, {s.peer_sent}]")
-    for v in (s.my_voucher, s.peer_voucher):
-        if v is not None and (v.channel_id != s.channel_id or v.period != s.period):
-            problems.append("a held voucher is for another channel or period")
-    if any(o.voucher.nonce > s.my_nonce for o in s.outgoing):
+    if my_balance < 0:
+        problems.append(f"my balance {my_balance} is negative")
+    if peer_balance < 0:
+        problems.append(f"peer balance {peer_balance} is negative")
+    if not 0 <= s.credit_used <= peer_sent:
+        problems.append(f"credit used {s.credit_used} outside [0, {peer_sent}]")
+    if not held_ok:
+        problems.append("a held voucher is for another channel or period")
+    if not outgoing_ok:
         problems.append("an in-flight voucher is newer than our latest")
-    if problems:
-        raise InternalError("channel invariant broken: " + "; ".join(problems))
+    raise InternalError("channel invariant broken: " + "; ".join(problems))
 
 
 __all__ = ["ChannelState", "Phase", "initiate", "receive", "respond", "step"]

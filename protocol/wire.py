@@ -48,25 +48,33 @@ def _text(v: Any, what: str, max_len: int, min_len: int = 1) -> str:
 
 
 _WALKED = (list, tuple, dict, msgpack.ExtType, msgpack.Timestamp)
+_EXT = (msgpack.ExtType, msgpack.Timestamp)
+_KEY = (str, bytes)
 
 
 def _check_tree(value: Any, what: str, max_depth: int | None = MAX_DEPTH) -> None:
     """Refuse what a strict decoder refuses (map keys other than str or bytes, extension types)
     and, with `max_depth`, nesting deeper than that (it breaks ==, repr and json downstream)."""
+    # Plain loops, no generators: this runs on every message of every payment.
     stack: list[tuple[Any, int]] = [(value, 0)]
+    pop, push = stack.pop, stack.append
     while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (msgpack.ExtType, msgpack.Timestamp)):
+        v, depth = pop()
+        if isinstance(v, _EXT):
             raise DecodeError(f"{what}: msgpack extension types are not allowed")
         if max_depth is not None and depth >= max_depth:
             raise DecodeError(f"{what} nests deeper than {max_depth} levels")
         if isinstance(v, dict):
-            if not all(isinstance(k, (str, bytes)) for k in v):
-                raise DecodeError(f"{what}: map keys must be strings or bytes")
+            for k in v:
+                if not isinstance(k, _KEY):
+                    raise DecodeError(f"{what}: map keys must be strings or bytes")
             items: Any = v.values()
         else:
             items = v
-        stack.extend((x, depth + 1) for x in items if isinstance(x, _WALKED))
+        depth += 1
+        for x in items:
+            if isinstance(x, _WALKED):
+                push((x, depth))
 
 
 def body_size(value: Any) -> int:
@@ -97,8 +105,8 @@ class ChannelParams:
     dispute_period: int
     salt: bytes
     network_id: str
-    # Derived once: the id is read many times per payment and hashing it each time shows.
-    _channel_id: bytes = field(init=False, repr=False, compare=False)
+    # Derived once, and a plain attribute: it is read many times per payment.
+    channel_id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _bytes(self.initiator, KEY_LEN, "initiator")
@@ -111,13 +119,9 @@ class ChannelParams:
             raise DecodeError("dispute_period is longer than ten years")
         _bytes(self.salt, KEY_LEN, "salt")
         _text(self.network_id, "network_id", 64)
-        object.__setattr__(self, "_channel_id", hash32(
+        object.__setattr__(self, "channel_id", hash32(
             "paychan/channel/v1", self.network_id, self.initiator, self.responder, self.asset,
             self.salt))
-
-    @property
-    def channel_id(self) -> bytes:
-        return self._channel_id
 
     def peer_of(self, me: bytes) -> bytes:
         if me == self.initiator:
@@ -206,8 +210,8 @@ _KINDS = {
     "voucher?": lambda v, n: None if v is None else (
         v if isinstance(v, Voucher) else Voucher.from_obj(v)),
     "params": lambda v, n: v if isinstance(v, ChannelParams) else ChannelParams.from_obj(v),
-    "error?": lambda v, n: None if v is None else _error_obj(v, n),
-    "error": lambda v, n: _error_obj(v, n),
+    "error?": lambda v, n: None if v is None else check_error(v, n),
+    "error": lambda v, n: check_error(v, n),
     "bool": lambda v, n: v if isinstance(v, bool) else _fail(n, "a boolean"),
 }
 
@@ -216,7 +220,8 @@ def _fail(what: str, expected: str) -> Any:
     raise DecodeError(f"{what} must be {expected}")
 
 
-def _error_obj(v: Any, what: str) -> dict[str, Any]:
+def check_error(v: Any, what: str) -> dict[str, Any]:
+    """An error object as the wire carries it: code, message and optional data."""
     if not isinstance(v, dict) or not isinstance(v.get("code"), int) or isinstance(
             v.get("code"), bool) or not isinstance(v.get("message"), str):
         raise DecodeError(f"{what} must be an error object with code and message")
@@ -236,11 +241,15 @@ class Msg:
     # (field, its check, its name in errors), made once per class: messages are built on
     # every payment and formatting the names each time shows.
     _CHECKS: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], str], ...]] = ()
+    _NAMES: ClassVar[tuple[str, ...]] = ()
+    _KEYS: ClassVar[frozenset[str]] = frozenset()  # the keys of its wire map
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._CHECKS = tuple((name, _KINDS[kind], f"{cls.TYPE}.{name}")
                             for name, kind in cls.SCHEMA)
+        cls._NAMES = tuple(name for name, _ in cls.SCHEMA)
+        cls._KEYS = frozenset(("type", "v", *cls._NAMES))
 
     def __post_init__(self) -> None:
         for name, check, label in self._CHECKS:
@@ -248,12 +257,32 @@ class Msg:
             checked = check(value, label)
             if checked is not value:  # decoded into its type (a voucher from a list)
                 object.__setattr__(self, name, checked)
+        self._check_whole()
+
+    def _check_whole(self) -> None:
+        """Checks across fields, after each field passed its own."""
+
+    @classmethod
+    def _from_map(cls, obj: dict[str, Any]) -> Msg:
+        """The message of a decoded wire map holding exactly its fields, checked as
+        `__post_init__` checks it, without the frozen dataclass's per-field setattr."""
+        msg = object.__new__(cls)
+        fields = msg.__dict__
+        for name, check, label in cls._CHECKS:
+            fields[name] = check(obj[name], label)
+        msg._check_whole()
+        return msg
+
+    @classmethod
+    def _trusted(cls, *values: Any) -> Any:
+        """A message from values already checked (by the action that carried them, or made
+        here): the state machine builds one or two per payment."""
+        msg = object.__new__(cls)
+        msg.__dict__.update(zip(cls._NAMES, values, strict=True))
+        return msg
 
 
-def _as_obj(v: Any) -> Any:
-    if isinstance(v, (Voucher, ChannelParams)):
-        return v.to_obj()
-    return v
+_OBJ_TYPES = (Voucher, ChannelParams)
 
 
 @dataclass(frozen=True)
@@ -264,8 +293,7 @@ class OpenPropose(Msg):
     params: ChannelParams
     deposit: int
 
-    def __post_init__(self) -> None:
-        Msg.__post_init__(self)
+    def _check_whole(self) -> None:
         if self.params.channel_id != self.channel_id:
             raise DecodeError("open_propose.channel_id does not match its params")
 
@@ -367,11 +395,17 @@ MESSAGE_TYPES: dict[str, type[Msg]] = {
 
 
 def encode(msg: Msg) -> bytes:
-    """Bytes of a message: one msgpack map with `type`, `v` and its schema fields."""
-    out: dict[str, Any] = {"type": msg.TYPE, "v": PROTOCOL_VERSION}
-    for name, _kind in msg.SCHEMA:
-        out[name] = _as_obj(getattr(msg, name))
-    return msgpack.packb(out, use_bin_type=True)
+    """Bytes of a message: one msgpack map with `type`, `v` and its schema fields. Kept on the
+    (immutable) message: a payment's result is both stored and sent."""
+    fields = msg.__dict__
+    data: bytes | None = fields.get("_wire")
+    if data is None:
+        out: dict[str, Any] = {"type": msg.TYPE, "v": PROTOCOL_VERSION}
+        for name in msg._NAMES:
+            value = fields[name]
+            out[name] = value.to_obj() if isinstance(value, _OBJ_TYPES) else value
+        data = fields["_wire"] = msgpack.packb(out, use_bin_type=True)
+    return data
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -384,6 +418,18 @@ def _no_ext(code: int, data: bytes) -> Any:
 _TIMESTAMP_HEADER = re.compile(
     rb"[\xd6\xd7]\xff|\xc7[\x04\x08\x0c]\xff|\xc8\x00[\x04\x08\x0c]\xff"
     rb"|\xc9\x00\x00\x00[\x04\x08\x0c]\xff")
+
+
+def _may_hold_timestamp(raw: bytes) -> bool:
+    """True when `raw` holds a timestamp header. Every header ends in 0xff and is at most six
+    bytes long, so only the few bytes before each 0xff (found by memchr) are searched: a
+    search of the whole frame costs more than decoding it."""
+    i = raw.find(b"\xff")
+    while i != -1:
+        if _TIMESTAMP_HEADER.search(raw, max(0, i - 5), i + 1):
+            return True
+        i = raw.find(b"\xff", i + 1)
+    return False
 
 
 def unpack(data: Any, max_size: int = MAX_FRAME) -> Any:
@@ -400,7 +446,7 @@ def unpack(data: Any, max_size: int = MAX_FRAME) -> Any:
         raise
     except Exception as exc:  # msgpack raises a zoo of types; all of them mean "malformed"
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from None
-    if _TIMESTAMP_HEADER.search(raw):
+    if _may_hold_timestamp(raw):
         _check_tree(obj, "frame", max_depth=None)
     return obj
 
@@ -417,11 +463,10 @@ def decode(data: Any) -> Msg:
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
         raise DecodeError(f"unsupported protocol version {version!r}")
-    names = [name for name, _ in cls.SCHEMA]
-    if set(obj) != {"type", "v", *names}:
-        raise DecodeError(f"{kind}: fields must be exactly {names}")
+    if obj.keys() != cls._KEYS:
+        raise DecodeError(f"{kind}: fields must be exactly {list(cls._NAMES)}")
     try:
-        return cls(**{name: obj[name] for name in names})
+        return cls._from_map(obj)
     except DecodeError:
         raise
     except PaychanError as exc:

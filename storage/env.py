@@ -242,6 +242,9 @@ class Store:
     @property
     def writer(self) -> Writer:
         """This store's group-commit writer, started on first use."""
+        writer = self._writer
+        if writer is not None:  # read once per commit: no lock once it exists
+            return writer
         with self._writer_lock:
             if self._writer is None:
                 if self._shutting or self.closed:
