@@ -396,7 +396,8 @@ MESSAGE_TYPES: dict[str, type[Msg]] = {
 
 def encode(msg: Msg) -> bytes:
     """Bytes of a message: one msgpack map with `type`, `v` and its schema fields. Kept on the
-    (immutable) message: a payment's result is both stored and sent."""
+    (immutable) message: a payment's result is both stored and sent, and sending the bytes
+    that were stored holds even if the application changes its response object meanwhile."""
     fields = msg.__dict__
     data: bytes | None = fields.get("_wire")
     if data is None:
