@@ -311,13 +311,16 @@ class ChannelActor(InlineActor):
             self._when_durable(lambda: self._emit(new, effects, msg, value), msg)
             return
         writer = self.core.store.writer
-        fut = writer.submit(ops, chain=self._chain)
+        loop = asyncio._get_running_loop()
+        # On one of the node's transport loops a lone commit is written by that loop at the
+        # end of its turn (see Writer.submit); on an application's loop, by the writer thread.
+        fut = writer.submit(ops, chain=self._chain, loop=loop)
         self.state, self.height = new, height
         with self._emit_lock:
             self._last = fut
         # Durable before anything leaves the process: effects wait for the commit.
         fut.add_done_callback(lambda f: self._landed(f, new, effects, msg, value))
-        if asyncio._get_running_loop() is None:
+        if loop is None:
             writer.help()  # not on an event loop: this thread may write the batch itself
 
     def _when_durable(self, fn: Callable[[], None], msg: Cmd | Start | None) -> None:

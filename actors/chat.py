@@ -138,6 +138,11 @@ class ChatTransport:
         return make_pairing_code(self.identity.public, self.hub_url, self.secret)
 
     # -- life ------------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The transport's own event loop, on its own thread."""
+        return self._loop
+
     def start(self, deliver: Deliver) -> None:
         """Connect in the background: a node opens even while its hub is down."""
         self._deliver = deliver

@@ -72,6 +72,11 @@ class HttpTransport:
         self.bound_port: int | None = None
 
     # -- life ------------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The transport's own event loop, on its own thread."""
+        return self._loop
+
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._thread.start()

@@ -155,6 +155,11 @@ class NodeCore:
             if hasattr(transport, "on_reconnect"):
                 transport.on_reconnect = self.on_peer_back
             transport.start(self.on_envelope)
+            loop = getattr(transport, "loop", None)
+            if loop is not None:
+                # The transport's own loop carries only this node's traffic: it may block for
+                # a commit, and writing a lone one itself saves two thread switches.
+                self.store.writer.write_on(loop)
         self._ledger_token = ledger.subscribe(self.on_ledger_event)
         ledger.on_tick(self.watcher.kick)
         self._catch_up()
@@ -553,6 +558,7 @@ class NodeCore:
                 transport.close()
             except Exception:
                 log.exception("closing transport %s", transport.name)
+        self.store.writer.wake()  # a transport loop stopped may have left its lone commit
         try:
             self.ledger.unsubscribe(self._ledger_token)
         except Exception:

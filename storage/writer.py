@@ -1,6 +1,7 @@
 """The group-commit writer: one thread per store turns many requests into one durable commit."""
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import queue
@@ -173,6 +174,12 @@ class Writer:
         self._store = store
         self._max_key = store.env.max_key_size()
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # The writer thread sleeps on the bell, not on the queue: a request submitted from an
+        # event loop that writes its own lone requests (see `submit`) is queued in order
+        # without waking it.
+        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._inline_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._flushing_on: set[asyncio.AbstractEventLoop] = set()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one batch at a time, by whichever thread
         self._writing: threading.Thread | None = None
@@ -190,17 +197,59 @@ class Writer:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def submit(self, ops: Sequence[Op], chain: Chain | None = None) -> Future[list[int]]:
+    def submit(self, ops: Sequence[Op], chain: Chain | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Future[list[int]]:
         """Queue `ops` as one atomic request; the future gives the Append sequence numbers.
 
         With a `chain`, the request is refused with `ChainBroken` if an earlier request of the
-        chain failed, and its Puts and Deletes are visible through `pending` until written."""
+        chain failed, and its Puts and Deletes are visible through `pending` until written.
+
+        With `loop`, the running loop of the calling thread and one allowed to (`write_on`):
+        at the end of the loop's turn, a request that is the only one waiting is written by
+        the loop itself, sparing the hand-over to the writer thread and back (a sequential
+        payment stream makes one request at a time); several are left to the writer thread so
+        that the loop goes on while they are written."""
         checked = tuple(ops)
         for op in checked:
             self._check(op)
         if chain is not None and chain.broken is not None:
             raise ChainBroken(f"an earlier write of {chain.name} failed: {chain.broken}")
-        return self._enqueue(_Request(checked, None, chain))
+        if loop is None or loop not in self._inline_loops:
+            return self._enqueue(_Request(checked, None, chain))
+        future = self._enqueue(_Request(checked, None, chain), ring=False)
+        with self._lock:
+            scheduled = loop in self._flushing_on
+            self._flushing_on.add(loop)
+        if not scheduled:
+            try:
+                loop.call_soon(self._flush_on, loop)
+            except RuntimeError:  # the loop is closing: the writer thread takes it
+                with self._lock:
+                    self._flushing_on.discard(loop)
+                self._ring()
+        return future
+
+    def write_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let `loop` write its own lone requests (see `submit`). Only for a loop that may block
+        for a durable commit: one that only carries this node's traffic, not an application's."""
+        self._inline_loops.add(loop)
+
+    def _flush_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The end of a loop's turn: write a lone request here, or wake the writer thread."""
+        with self._lock:
+            self._flushing_on.discard(loop)
+        if self._queue.qsize() == 1:
+            self._help()
+        if not self._queue.empty():
+            self._ring()
+
+    def wake(self) -> None:
+        """Have the writer thread write whatever is queued: for requests left to a loop that
+        stopped before the end of its turn."""
+        self._ring()
+
+    def _ring(self) -> None:
+        self._bell.put(None)
 
     def pending(self, db: str, key: bytes) -> tuple[bool, bytes | None]:
         """(True, value) when a chained request not yet written sets `key` (value None: it
@@ -262,6 +311,7 @@ class Writer:
             batch, stop = self._collect(item)
             if stop:
                 self._queue.put(None)  # stopping is the writer thread's to do
+                self._ring()
             self._write_guarded(batch)
         finally:
             self._write_lock.release()
@@ -280,6 +330,7 @@ class Writer:
             if not self._stopped:
                 self._stopped = True
                 self._queue.put(None)
+                self._ring()
         self._thread.join()
         _live.discard(self)
 
@@ -287,7 +338,7 @@ class Writer:
     def stopped(self) -> bool:
         return self._stopped
 
-    def _enqueue(self, req: _Request) -> Future[Any]:
+    def _enqueue(self, req: _Request, ring: bool = True) -> Future[Any]:
         with self._lock:
             if self._stopped:
                 raise StoreClosed(f"the writer of the store at {self._store.path} is stopped")
@@ -300,6 +351,8 @@ class Writer:
                         self._pending.setdefault((op.db, op.key), []).append(
                             (req.seq, req.chain, value))
             self._queue.put(req)
+        if ring:
+            self._ring()
         return req.future
 
     def _settle(self, batch: list[_Request]) -> None:
@@ -374,8 +427,14 @@ class Writer:
     def _run(self) -> None:
         running = True
         while running:
-            item = self._queue.get()
+            self._bell.get()
+            while not self._bell.empty():  # one batch answers every ring so far
+                self._bell.get_nowait()
             with self._write_lock:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    continue  # a caller wrote them meanwhile (help)
                 batch, stop = self._collect(item)
                 self._write_guarded(batch)
             running = not stop
