@@ -179,7 +179,8 @@ class Writer:
         # without waking it.
         self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._inline_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-        self._flushing_on: set[asyncio.AbstractEventLoop] = set()
+        # Weak: a loop closed before its turn ended must not be kept (nor block a later one).
+        self._flushing_on: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one batch at a time, by whichever thread
         self._writing: threading.Thread | None = None
@@ -214,7 +215,8 @@ class Writer:
             self._check(op)
         if chain is not None and chain.broken is not None:
             raise ChainBroken(f"an earlier write of {chain.name} failed: {chain.broken}")
-        if loop is None or loop not in self._inline_loops:
+        if loop is None or loop not in self._inline_loops or not loop.is_running():
+            # A stopped loop may never run its turn's end: the writer thread takes it.
             return self._enqueue(_Request(checked, None, chain))
         future = self._enqueue(_Request(checked, None, chain), ring=False)
         with self._lock:
