@@ -240,8 +240,10 @@ class Writer:
         """The end of a loop's turn: write a lone request here, or wake the writer thread."""
         with self._lock:
             self._flushing_on.discard(loop)
-        if self._queue.qsize() == 1:
-            self._help()
+        # What the completions of a lone write submit meanwhile has its own end of turn (or
+        # rang the bell itself): only what this turn left is rung for.
+        if self._queue.qsize() == 1 and self._help():
+            return
         if not self._queue.empty():
             self._ring()
 
@@ -300,21 +302,22 @@ class Writer:
         self._help()
         return future.result(timeout)
 
-    def _help(self) -> None:
+    def _help(self) -> bool:
         """A waiting caller writes the queued batch itself when nobody else is writing: the
-        same one durable transaction, two thread switches fewer."""
+        same one durable transaction, two thread switches fewer. False when it wrote none."""
         if not self._write_lock.acquire(blocking=False):
-            return  # a batch is being written; ours joins the next one
+            return False  # a batch is being written; ours joins the next one
         try:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return  # the writer thread took it
+                return False  # the writer thread took it
             batch, stop = self._collect(item)
             if stop:
                 self._queue.put(None)  # stopping is the writer thread's to do
                 self._ring()
             self._write_guarded(batch)
+            return True
         finally:
             self._write_lock.release()
 

@@ -118,6 +118,36 @@ def test_a_lone_request_is_written_by_its_loop(store: Store, looper: LoopThread)
     assert store.get("kv", b"lone") == b"v"
 
 
+def test_a_request_made_by_the_completion_of_a_lone_write_is_written_by_the_loop_too(
+        store: Store, looper: LoopThread) -> None:
+    # A payee's second commit is submitted while its first one completes, on the loop: it has
+    # its own end of turn, and must not wake the writer thread.
+    w = store.writer
+    w.write_on(looper.loop)
+    before = w.stats
+    second = DoneOn(1)
+    chained: list[Future[list[int]]] = []
+
+    def then_submit(_: Future[list[int]]) -> None:
+        # The loop's next turn starts slowly: a writer thread woken for the second request
+        # would take it meanwhile.
+        looper.loop.call_soon(time.sleep, 0.05)
+        f = w.submit([Put("kv", b"second", b"2")], loop=looper.loop)
+        f.add_done_callback(second)
+        chained.append(f)
+
+    def submit() -> Future[list[int]]:
+        f = w.submit([Put("kv", b"first", b"1")], loop=looper.loop)
+        f.add_done_callback(then_submit)
+        return f
+
+    looper.run(submit).result(WAIT)
+    assert second.wait() == [looper.thread]
+    assert chained[0].result(WAIT) == []
+    assert grew(w, before) == (2, 2)
+    assert store.get("kv", b"second") == b"2"
+
+
 def test_requests_of_one_turn_go_to_the_writer_thread_in_one_batch(
         store: Store, looper: LoopThread) -> None:
     w = store.writer
