@@ -230,6 +230,12 @@ class ChannelActor(InlineActor):
             self.actor_inbox.put(envelope)
         return left
 
+    def _handle_receive(self, message: Any) -> Any:
+        # Commands are nearly every message: skip pykka's look for proxy calls and stops.
+        if type(message) is Cmd:
+            return self.on_receive(message)
+        return super()._handle_receive(message)
+
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, _CommitFailed):
             raise message

@@ -133,6 +133,11 @@ class LightFuture(Future[T]):
         return self._outcome(timeout, False)
 
     def set_running_or_notify_cancel(self) -> bool:
+        if self._cond is None:  # the common case, nobody waiting: no closure, one lock
+            with self._lock:
+                if self._cond is None and self._state == PENDING:
+                    self._state = RUNNING
+                    return True
         prior = PENDING
 
         def change() -> bool:
@@ -154,6 +159,14 @@ class LightFuture(Future[T]):
         return False
 
     def set_result(self, result: Any) -> None:
+        if self._cond is None:  # the common case, nobody waiting: no closure, one lock
+            with self._lock:
+                done = self._cond is None and self._state not in _ENDED
+                if done:
+                    self._result, self._state = result, FINISHED
+            if done:
+                self._invoke_callbacks()
+                return
         self._finish(result, None, "add_result")
 
     def set_exception(self, exception: BaseException | None) -> None:
