@@ -201,7 +201,8 @@ class Writer:
     # ---- requests -----------------------------------------------------------------------
 
     def submit(self, ops: Sequence[Op], chain: Chain | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> Future[list[int]]:
+               loop: asyncio.AbstractEventLoop | None = None,
+               helping: bool = False) -> Future[list[int]]:
         """Queue `ops` as one atomic request; the future gives the Append sequence numbers.
 
         With a `chain`, the request is refused with `ChainBroken` if an earlier request of the
@@ -211,7 +212,10 @@ class Writer:
         at the end of the loop's turn, a request that is the only one waiting is written by
         the loop itself, sparing the hand-over to the writer thread and back (a sequential
         payment stream makes one request at a time); several are left to the writer thread so
-        that the loop goes on while they are written."""
+        that the loop goes on while they are written.
+
+        With `helping`, the caller promises to call `help()` next, which writes the request
+        or else wakes the writer thread: woken now, it would find nothing to do."""
         checked = ops if type(ops) is tuple else tuple(ops)
         max_key = self._max_key
         for op in checked:
@@ -223,7 +227,7 @@ class Writer:
             raise ChainBroken(f"an earlier write of {chain.name} failed: {chain.broken}")
         if loop is None or loop not in self._inline_loops or not loop.is_running():
             # A stopped loop may never run its turn's end: the writer thread takes it.
-            return self._enqueue(_Request(checked, None, chain))
+            return self._enqueue(_Request(checked, None, chain), ring=not helping)
         future = self._enqueue(_Request(checked, None, chain), ring=False)
         with self._lock:
             scheduled = loop in self._flushing_on
@@ -276,9 +280,9 @@ class Writer:
         """Write the queued requests on this thread if no batch is being written (and this
         thread is not completing one): a caller that would wait for the writer thread saves
         two thread switches. Otherwise return at once; the writer thread takes them."""
-        if getattr(_completing, "depth", 0):
-            return
-        self._help()
+        if getattr(_completing, "depth", 0) or not self._help():
+            if not self._queue.empty():
+                self._ring()
 
     def submit_fn(self, fn: Callable[[lmdb.Transaction, Store], T]) -> Future[T]:
         """Queue `fn(txn, store)` to run in its own nested write transaction.
@@ -296,16 +300,18 @@ class Writer:
     def commit(self, ops: Sequence[Op], timeout: float | None = None) -> list[int]:
         """`submit(ops)` and wait until durable; returns the Append sequence numbers."""
         self._refuse_self_wait()
-        future = self.submit(ops)
-        self._help()
+        future = self.submit(ops, helping=True)
+        self.help()
         return future.result(timeout)
 
     def transact(self, fn: Callable[[lmdb.Transaction, Store], T],
                  timeout: float | None = None) -> T:
         """`submit_fn(fn)` and wait until durable; returns what `fn` returned or raises."""
         self._refuse_self_wait()
-        future = self.submit_fn(fn)
-        self._help()
+        if not callable(fn):
+            raise TypeError("submit_fn needs a callable fn(txn, store)")
+        future: Future[T] = self._enqueue(_Request(None, fn), ring=False)
+        self.help()
         return future.result(timeout)
 
     def _help(self) -> bool:
