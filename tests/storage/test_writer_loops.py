@@ -420,3 +420,35 @@ def test_waiting_on_the_writer_from_a_loop_writing_is_refused(
     assert store.get("kv", b"outer") == b"v"
     assert store.get("kv", b"inner") is None  # the refused commit queued nothing
     assert store.get("kv", b"after") == b"y"
+
+
+def test_a_helping_caller_writes_its_request_without_waking_the_writer_thread(
+        store: Store) -> None:
+    w = store.writer
+    before = w.stats
+    done = DoneOn(1)
+    future = w.submit([Put("kv", b"helped", b"v")], helping=True)
+    future.add_done_callback(done)
+    # Queued, and nobody told the writer thread: the caller is about to write it.
+    assert not future.done() and w._bell.empty()
+    w.help()
+    assert future.done() and future.result(0) == []
+    assert done.wait() == [threading.current_thread()]
+    assert grew(w, before) == (1, 1)
+    assert store.get("kv", b"helped") == b"v"
+
+
+def test_a_helping_caller_that_cannot_write_wakes_the_writer_thread(store: Store) -> None:
+    # Another thread holds the write lock (as while it writes a batch): help() cannot write,
+    # so it must ring, or the request would wait for an unrelated wake-up.
+    w = store.writer
+    done = DoneOn(1)
+    with w._write_lock:
+        future = w.submit([Put("kv", b"rung", b"v")], helping=True)
+        future.add_done_callback(done)
+        w.help()
+        assert not future.done()
+    assert future.result(WAIT) == []
+    [thread] = done.wait()
+    assert thread.name.startswith(WRITER_THREAD)
+    assert store.get("kv", b"rung") == b"v"
