@@ -318,8 +318,8 @@ class ChannelActor(InlineActor):
             return
         writer = self.core.store.writer
         loop = asyncio._get_running_loop()
-        # On one of the node's transport loops a lone commit is written by that loop at the
-        # end of its turn (see Writer.submit); on an application's loop, by the writer thread.
+        # On one of the node's transport loops the commits are written by that loop at the end
+        # of its turn (see Writer.submit); on an application's loop, by the writer thread.
         fut = writer.submit(ops, chain=self._chain, loop=loop, helping=loop is None)
         self.state, self.height = new, height
         with self._emit_lock:

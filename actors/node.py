@@ -158,7 +158,7 @@ class NodeCore:
             loop = getattr(transport, "loop", None)
             if loop is not None:
                 # The transport's own loop carries only this node's traffic: it may block for
-                # a commit, and writing a lone one itself saves two thread switches.
+                # a commit, and writing its commits itself saves two thread switches each.
                 self.store.writer.write_on(loop)
         self._ledger_token = ledger.subscribe(self.on_ledger_event)
         ledger.on_tick(self.watcher.kick)
@@ -558,7 +558,7 @@ class NodeCore:
                 transport.close()
             except Exception:
                 log.exception("closing transport %s", transport.name)
-        self.store.writer.wake()  # a transport loop stopped may have left its lone commit
+        self.store.writer.wake()  # a transport loop stopped may have left its commits
         try:
             self.ledger.unsubscribe(self._ledger_token)
         except Exception:

@@ -177,8 +177,8 @@ class Writer:
         self._max_key = store.env.max_key_size()
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         # The writer thread sleeps on the bell, not on the queue: a request submitted from an
-        # event loop that writes its own lone requests (see `submit`) is queued in order
-        # without waking it.
+        # event loop that writes its own requests (see `submit`) is queued in order without
+        # waking it.
         self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._inline_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         # Weak: a loop closed before its turn ended must not be kept (nor block a later one).
@@ -209,10 +209,12 @@ class Writer:
         chain failed, and its Puts and Deletes are visible through `pending` until written.
 
         With `loop`, the running loop of the calling thread and one allowed to (`write_on`):
-        at the end of the loop's turn, a request that is the only one waiting is written by
-        the loop itself, sparing the hand-over to the writer thread and back (a sequential
-        payment stream makes one request at a time); several are left to the writer thread so
-        that the loop goes on while they are written.
+        the writer thread is not woken; at the end of the loop's turn the loop writes what is
+        queued itself, in one batch, unless a batch is being written (then the writer thread
+        takes them next). It spares the hand-over to the writer thread and back, and the
+        completions run on the loop, which sends their frames without another hand-over. The
+        loop blocks meanwhile, as a bare asyncio program writing durably does; what arrives
+        then joins the next batch.
 
         With `helping`, the caller promises to call `help()` next, which writes the request
         or else wakes the writer thread: woken now, it would find nothing to do."""
@@ -242,17 +244,17 @@ class Writer:
         return future
 
     def write_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Let `loop` write its own lone requests (see `submit`). Only for a loop that may block
-        for a durable commit: one that only carries this node's traffic, not an application's."""
+        """Let `loop` write its own requests (see `submit`). Only for a loop that may block for a
+        durable commit: one that only carries this node's traffic, not an application's."""
         self._inline_loops.add(loop)
 
     def _flush_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The end of a loop's turn: write a lone request here, or wake the writer thread."""
+        """The end of a loop's turn: write what is queued here, or wake the writer thread."""
         with self._lock:
             self._flushing_on.discard(loop)
-        # What the completions of a lone write submit meanwhile has its own end of turn (or
+        # What the completions of this write submit meanwhile has its own end of turn (or
         # rang the bell itself): only what this turn left is rung for.
-        if self._queue.qsize() == 1 and self._help():
+        if not self._queue.empty() and self._help():
             return
         if not self._queue.empty():
             self._ring()

@@ -148,7 +148,7 @@ def test_a_request_made_by_the_completion_of_a_lone_write_is_written_by_the_loop
     assert store.get("kv", b"second") == b"2"
 
 
-def test_requests_of_one_turn_go_to_the_writer_thread_in_one_batch(
+def test_requests_of_one_turn_are_written_by_the_loop_in_one_batch(
         store: Store, looper: LoopThread) -> None:
     w = store.writer
     w.write_on(looper.loop)
@@ -165,13 +165,29 @@ def test_requests_of_one_turn_go_to_the_writer_thread_in_one_batch(
     futures, done_in_turn = looper.run(submit)
     assert done_in_turn == [False] * 5
     assert [f.result(WAIT) for f in futures] == [[]] * 5
-    threads = done.wait()
-    # Several requests would hold the loop for a whole batch: the writer thread takes them.
-    assert len(set(threads)) == 1
-    assert threads[0] is not looper.thread
-    assert threads[0].name.startswith(WRITER_THREAD)
+    # One durable transaction for the whole turn, written by the loop at its end.
+    assert done.wait() == [looper.thread] * 5
     assert grew(w, before) == (1, 5)
     assert [store.get("kv", b"k%d" % i) for i in range(5)] == [b"v%d" % i for i in range(5)]
+
+
+def test_requests_of_a_turn_wait_for_a_batch_being_written_then_go_to_the_writer_thread(
+        store: Store, looper: LoopThread) -> None:
+    # Another thread is writing (it holds the write lock) when the turn ends: the loop does
+    # not wait for it, and the writer thread takes the turn's requests once it is free.
+    w = store.writer
+    w.write_on(looper.loop)
+    done = DoneOn(3)
+    with w._write_lock:
+        futures = looper.run(lambda: [
+            w.submit([Put("kv", b"busy%d" % i, b"v")], loop=looper.loop) for i in range(3)])
+        for f in futures:
+            f.add_done_callback(done)
+        looper.run(lambda: None)  # the turn that submitted them has ended
+        assert not any(f.done() for f in futures)
+    assert [f.result(WAIT) for f in futures] == [[]] * 3
+    threads = done.wait()
+    assert all(t.name.startswith(WRITER_THREAD) for t in threads), threads
 
 
 def test_a_loop_not_registered_leaves_its_requests_to_the_writer_thread(
