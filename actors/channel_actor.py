@@ -321,13 +321,15 @@ class ChannelActor(InlineActor):
         # On one of the node's transport loops the commits are written by that loop at the end
         # of its turn (see Writer.submit); on an application's loop, by the writer thread.
         fut = writer.submit(ops, chain=self._chain, loop=loop, helping=loop is None)
-        self.state, self.height = new, height
-        with self._emit_lock:
-            self._last = fut
-        # Durable before anything leaves the process: effects wait for the commit.
-        fut.add_done_callback(lambda f: self._landed(f, new, effects, msg, value))
-        if loop is None:
-            writer.help()  # not on an event loop: this thread may write the batch itself
+        try:
+            self.state, self.height = new, height
+            with self._emit_lock:
+                self._last = fut
+            # Durable before anything leaves the process: effects wait for the commit.
+            fut.add_done_callback(lambda f: self._landed(f, new, effects, msg, value))
+        finally:
+            if loop is None:
+                writer.help()  # not on an event loop: this thread may write the batch itself
 
     def _when_durable(self, fn: Callable[[], None], msg: Cmd | Start | None) -> None:
         """Run `fn` once every commit this actor made so far is durable and its effects were

@@ -137,6 +137,9 @@ class ChatTransport:
             raise Unauthorized("this transport has no pairing secret")
         return make_pairing_code(self.identity.public, self.hub_url, self.secret)
 
+    #: Its loop carries only this node's traffic, so it may write the node's commits itself.
+    writes_on_loop = True
+
     # -- life ------------------------------------------------------------------------------
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -71,6 +71,9 @@ class HttpTransport:
         self.refused = 0
         self.bound_port: int | None = None
 
+    #: Its loop carries only this node's traffic, so it may write the node's commits itself.
+    writes_on_loop = True
+
     # -- life ------------------------------------------------------------------------------
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

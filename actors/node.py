@@ -1,6 +1,7 @@
 """The node root: owns store, supervisor, transport, ledger client and watcher; routes messages."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -116,8 +117,9 @@ class NodeCore:
         self.ledger = ledger
         self.sealer = Sealer(self.identity)
         self.payment_handler: Callable[[Payment], Any] | None = payment_handler
-        # A quick handler never blocks: it runs where the payment's commit lands (the storage
-        # writer's thread), not on a handler thread, saving two thread switches per call.
+        # A quick handler never blocks: it runs where the payment's commit lands (the thread
+        # that wrote it, often the transport's loop), not on a handler thread, saving two
+        # thread switches per call.
         self.handler_quick = False
         self._chains: dict[bytes, Chain] = {}
         self.handler_set = threading.Event()
@@ -155,7 +157,8 @@ class NodeCore:
             if hasattr(transport, "on_reconnect"):
                 transport.on_reconnect = self.on_peer_back
             transport.start(self.on_envelope)
-            loop = getattr(transport, "loop", None)
+            loop = getattr(transport, "loop", None) if getattr(
+                transport, "writes_on_loop", False) else None
             if loop is not None:
                 # The transport's own loop carries only this node's traffic: it may block for
                 # a commit, and writing its commits itself saves two thread switches each.
@@ -229,7 +232,16 @@ class NodeCore:
             raise NotAllowedAtState("the node is closed")
         self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only, fresh))
 
+    def refuse_blocking(self) -> None:
+        """Refuse a blocking call on a loop that writes this node's commits (a transport's,
+        e.g. from a quick handler): it would wait for the very loop it blocks."""
+        if self.store.writer.writes_on(asyncio._get_running_loop()):
+            raise NotAllowedAtState(
+                "a blocking call on the node's transport loop would wait for that loop; use "
+                "the asyncio API (asend_message_and_pay, ...) or another thread")
+
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
+        self.refuse_blocking()
         fut: Future[Any] = LightFuture()
         self.tell(channel_id, inp, fut)
         result: ChannelState = fut.result(timeout)
@@ -237,6 +249,7 @@ class NodeCore:
 
     def start_channel(self, state: ChannelState, effects: list[Any],
                       timeout: float = 30.0) -> None:
+        self.refuse_blocking()
         fut: Future[Any] = LightFuture()
         self.supervisor.start_new(state.channel_id, Start(state, effects, fut))
         fut.result(timeout)
@@ -245,6 +258,7 @@ class NodeCore:
                  timeout: float) -> ChannelState:
         """Block until the committed state satisfies `predicate`."""
         from paychan.protocol.errors import Timeout
+        self.refuse_blocking()
         deadline = time.monotonic() + timeout
         with self.changed:
             self._waiting += 1
@@ -542,6 +556,7 @@ class NodeCore:
     def pay(self, channel_id: bytes, payment_id: str, amount: int, message: Any,
             timeout: float, fresh: bool = False) -> Any:
         """Pay and wait for the peer's response; a known payment_id returns its stored outcome."""
+        self.refuse_blocking()
         fut = self.pay_future(channel_id, payment_id, amount, message, fresh)
         try:
             return result_of(fut.result(timeout))
@@ -558,7 +573,7 @@ class NodeCore:
                 transport.close()
             except Exception:
                 log.exception("closing transport %s", transport.name)
-        self.store.writer.wake()  # a transport loop stopped may have left its commits
+            self.store.writer.wake()  # its loop, stopped, may have left commits to write
         try:
             self.ledger.unsubscribe(self._ledger_token)
         except Exception:

@@ -137,8 +137,10 @@ class Node:
 
         Handlers run on a pool of 8 threads, so a slow one holds only its own call. With
         `quick=True` the handler promises never to block (no I/O, no waiting, well under a
-        millisecond) and runs right where the payment becomes durable instead, which saves a
-        thread hand-over per call; a quick handler that blocks stalls the node's storage."""
+        millisecond) and runs right where the payment becomes durable instead (often the
+        transport's event loop), which saves a thread hand-over per call; a quick handler that
+        blocks stalls the node's storage and network. A blocking call of this API made there
+        is refused with NotAllowedAtState (it would wait for the loop it blocks)."""
         self._core.set_handler(handler, quick)
 
     def on(self, event: str, callback: Callable[[dict[str, Any]], None]) -> None:

@@ -168,8 +168,10 @@ class Writer:
     (so a failing request rolls back alone), commits the batch once with fsync, and only
     then completes all of its futures. A completed future therefore means durable data.
 
-    Futures are completed on the writer thread; their callbacks must be quick and must not
-    block on the writer (use `submit`, never `commit`, from a callback).
+    Futures are completed on the thread that wrote their batch: the writer thread, a caller
+    that helped (`help`, `commit`), or an event loop allowed to write (`write_on`). Their
+    callbacks must be quick and must not block on the writer (use `submit`, never `commit`,
+    from a callback).
     """
 
     def __init__(self, store: Store) -> None:
@@ -227,9 +229,13 @@ class Writer:
                 self._check(op)
         if chain is not None and chain.broken is not None:
             raise ChainBroken(f"an earlier write of {chain.name} failed: {chain.broken}")
-        if loop is None or loop not in self._inline_loops or not loop.is_running():
-            # A stopped loop may never run its turn's end: the writer thread takes it.
+        if loop is None:
             return self._enqueue(_Request(checked, None, chain), ring=not helping)
+        if (loop not in self._inline_loops or not loop.is_running()
+                or loop is not asyncio._get_running_loop()):
+            # Not a loop allowed to write, or not this thread's: it may never run this turn's
+            # end (stopped, or idle on another thread). The writer thread takes it.
+            return self._enqueue(_Request(checked, None, chain))
         future = self._enqueue(_Request(checked, None, chain), ring=False)
         with self._lock:
             scheduled = loop in self._flushing_on
@@ -242,6 +248,11 @@ class Writer:
                     self._flushing_on.discard(loop)
                 self._ring()
         return future
+
+    def writes_on(self, loop: asyncio.AbstractEventLoop | None) -> bool:
+        """True for a loop allowed to write (`write_on`): blocking it on a commit would stall
+        the commit itself, which that loop writes at the end of its turn."""
+        return loop is not None and loop in self._inline_loops
 
     def write_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let `loop` write its own requests (see `submit`). Only for a loop that may block for a
@@ -282,8 +293,11 @@ class Writer:
         """Write the queued requests on this thread if no batch is being written (and this
         thread is not completing one): a caller that would wait for the writer thread saves
         two thread switches. Otherwise return at once; the writer thread takes them."""
-        if getattr(_completing, "depth", 0) or not self._help():
-            if not self._queue.empty():
+        wrote = False
+        try:
+            wrote = not getattr(_completing, "depth", 0) and self._help()
+        finally:  # even when interrupted: what is queued must not wait for another ring
+            if not wrote and not self._queue.empty():
                 self._ring()
 
     def submit_fn(self, fn: Callable[[lmdb.Transaction, Store], T]) -> Future[T]:

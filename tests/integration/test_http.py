@@ -222,3 +222,29 @@ def test_junk_frames_on_the_stream_get_errors_then_the_socket_closes(pair):
     assert code == 4002
     assert b.balances(ch) == before
     assert a.send_message_and_pay(ch, "after junk", 1) == ["b", "after junk"]
+
+
+def test_a_quick_handler_writes_on_the_transport_loop_and_may_not_block_there(pair):
+    a, b, _, url_b = pair
+    seen = []
+
+    def quick(p):
+        seen.append(asyncio._get_running_loop())
+        if p.message == "pay back":
+            # A blocking call here would wait for this very loop: refused, so it fails fast
+            # (and the payer is refunded) instead of stalling the node.
+            b.send_message_and_pay(ch, "nested", 1, timeout=5)
+        return ["quick", p.message]
+
+    b.on_payment_received(quick, quick=True)
+    ch = a.create_channel(url_b, 1_000)
+    b.deposit(ch, 100)
+    assert a.send_message_and_pay(ch, "hello", 2, timeout=10) == ["quick", "hello"]
+    # The payment's commit was written by b's transport loop, where the handler ran.
+    http = b._core.transport("http")
+    assert seen == [http.loop]
+    with pytest.raises(errors.HandlerError, match="transport loop"):
+        a.send_message_and_pay(ch, "pay back", 3, timeout=10)
+    assert a.balances(ch)["my_balance"] == 1_000 - 2  # the refused call was refunded
+    assert b.balances(ch)["sent_by_me"] == 3  # the refund; nothing was paid from the handler
+    assert a.send_message_and_pay(ch, "after", 1, timeout=10) == ["quick", "after"]

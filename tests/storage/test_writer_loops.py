@@ -468,3 +468,33 @@ def test_a_helping_caller_that_cannot_write_wakes_the_writer_thread(store: Store
     [thread] = done.wait()
     assert thread.name.startswith(WRITER_THREAD)
     assert store.get("kv", b"rung") == b"v"
+
+
+def test_naming_a_loop_from_another_thread_leaves_the_request_to_the_writer_thread(
+        store: Store, looper: LoopThread) -> None:
+    # The loop is idle on its own thread: its end of turn may never come for this request.
+    w = store.writer
+    w.write_on(looper.loop)
+    done = DoneOn(1)
+    future = w.submit([Put("kv", b"other", b"v")], loop=looper.loop)
+    future.add_done_callback(done)
+    assert future.result(WAIT) == []
+    [thread] = done.wait()
+    assert thread.name.startswith(WRITER_THREAD)
+    assert store.get("kv", b"other") == b"v"
+
+
+def test_an_interrupted_help_still_wakes_the_writer_thread(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = store.writer
+    future = w.submit([Put("kv", b"interrupted", b"v")], helping=True)
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w, "_help", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.help()
+    monkeypatch.undo()
+    assert future.result(WAIT) == []
+    assert store.get("kv", b"interrupted") == b"v"
