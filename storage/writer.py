@@ -89,9 +89,7 @@ def apply(txn: lmdb.Transaction, store: Store, ops: Sequence[Op]) -> list[int]:
     """Apply `ops` in order inside `txn`; returns the sequence numbers Appends allocated."""
     seqs: list[int] = []
     for op in ops:
-        if type(op) is Put:  # the common case first, without isinstance's MRO walk
-            txn.put(op.key, op.value, db=store.db(op.db))
-        elif isinstance(op, Put):
+        if type(op) is Put or isinstance(op, Put):  # the common case without the MRO walk
             txn.put(op.key, op.value, db=store.db(op.db))
         elif isinstance(op, Delete):
             txn.delete(op.key, db=store.db(op.db))
@@ -304,14 +302,17 @@ class Writer:
         """Queue `fn(txn, store)` to run in its own nested write transaction.
 
         If `fn` raises, only its writes are undone and its future carries the exception.
-        `fn` runs on the writer thread, so it must not block on the writer, and its result
-        must not reference `txn`, which is gone when the future completes. If a whole batch
-        fails to commit, its requests are retried one by one, so `fn` may run twice: keep
-        its effects inside `txn`.
+        `fn` runs on the thread writing the batch, so it must not block on the writer, and its
+        result must not reference `txn`, which is gone when the future completes. If a whole
+        batch fails to commit, its requests are retried one by one, so `fn` may run twice:
+        keep its effects inside `txn`.
         """
+        return self._submit_fn(fn, ring=True)
+
+    def _submit_fn(self, fn: Callable[[lmdb.Transaction, Store], T], ring: bool) -> Future[T]:
         if not callable(fn):
             raise TypeError("submit_fn needs a callable fn(txn, store)")
-        return self._enqueue(_Request(None, fn))
+        return self._enqueue(_Request(None, fn), ring=ring)
 
     def commit(self, ops: Sequence[Op], timeout: float | None = None) -> list[int]:
         """`submit(ops)` and wait until durable; returns the Append sequence numbers."""
@@ -324,9 +325,7 @@ class Writer:
                  timeout: float | None = None) -> T:
         """`submit_fn(fn)` and wait until durable; returns what `fn` returned or raises."""
         self._refuse_self_wait()
-        if not callable(fn):
-            raise TypeError("submit_fn needs a callable fn(txn, store)")
-        future: Future[T] = self._enqueue(_Request(None, fn), ring=False)
+        future = self._submit_fn(fn, ring=False)
         self.help()
         return future.result(timeout)
 
