@@ -32,7 +32,7 @@ from paychan.actors.hub import (
     login_fields,
     normalize_hub_url,
 )
-from paychan.actors.transport import Deliver
+from paychan.actors.transport import Deliver, OwnLoop
 from paychan.protocol.errors import BrokenEncoding, PaychanError, Unauthorized, from_wire
 from paychan.protocol.identity import DOMAIN_HUB_LOGIN, Identity, decode_address, encode_address
 
@@ -95,7 +95,7 @@ class LoginRefused(PaychanError):
 
 # -- the transport ----------------------------------------------------------------------------
 
-class ChatTransport:
+class ChatTransport(OwnLoop):
     """A node's connection to one hub, on its own event-loop thread; `send` never blocks."""
 
     name = "chat"
@@ -137,15 +137,7 @@ class ChatTransport:
             raise Unauthorized("this transport has no pairing secret")
         return make_pairing_code(self.identity.public, self.hub_url, self.secret)
 
-    #: Its loop carries only this node's traffic, so it may write the node's commits itself.
-    writes_on_loop = True
-
     # -- life ------------------------------------------------------------------------------
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The transport's own event loop, on its own thread."""
-        return self._loop
-
     def start(self, deliver: Deliver) -> None:
         """Connect in the background: a node opens even while its hub is down."""
         self._deliver = deliver

@@ -15,7 +15,7 @@ import msgpack
 from aiohttp import web
 
 from paychan.actors.loopcall import LoopCalls
-from paychan.actors.transport import Deliver
+from paychan.actors.transport import Deliver, OwnLoop
 from paychan.protocol.errors import BrokenEncoding, PaychanError, Rejected, Unauthorized
 from paychan.protocol.wire import MAX_FRAME
 
@@ -41,7 +41,7 @@ def client_ssl(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-class HttpTransport:
+class HttpTransport(OwnLoop):
     """Owns one event-loop thread; the node's threads hand it work with call_soon_threadsafe."""
 
     name = "http"
@@ -71,15 +71,7 @@ class HttpTransport:
         self.refused = 0
         self.bound_port: int | None = None
 
-    #: Its loop carries only this node's traffic, so it may write the node's commits itself.
-    writes_on_loop = True
-
     # -- life ------------------------------------------------------------------------------
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The transport's own event loop, on its own thread."""
-        return self._loop
-
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._thread.start()

@@ -23,7 +23,7 @@ from paychan.actors.channel_actor import (
 from paychan.actors.envelope import Sealer
 from paychan.actors.loopback import LoopbackNetwork, default_network
 from paychan.actors.supervisor import Supervisor
-from paychan.actors.transport import LoopbackTransport, Routes, Transport
+from paychan.actors.transport import LoopbackTransport, OwnLoop, Routes, Transport
 from paychan.actors.watcher import Watcher
 from paychan.protocol import channel as machine
 from paychan.protocol.channel import ChannelState, LedgerUpdate, Phase
@@ -157,12 +157,10 @@ class NodeCore:
             if hasattr(transport, "on_reconnect"):
                 transport.on_reconnect = self.on_peer_back
             transport.start(self.on_envelope)
-            loop = getattr(transport, "loop", None) if getattr(
-                transport, "writes_on_loop", False) else None
-            if loop is not None:
+            if isinstance(transport, OwnLoop) and transport.writes_on_loop:
                 # The transport's own loop carries only this node's traffic: it may block for
                 # a commit, and writing its commits itself saves two thread switches each.
-                self.store.writer.write_on(loop)
+                self.store.writer.write_on(transport.loop)
         self._ledger_token = ledger.subscribe(self.on_ledger_event)
         ledger.on_tick(self.watcher.kick)
         self._catch_up()

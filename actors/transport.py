@@ -1,6 +1,7 @@
 """What a transport is to a node, the loopback one, and the routes the node learned per peer."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,6 +29,18 @@ class Transport(Protocol):
     def can_reach(self, peer: bytes, route: dict[str, Any] | None) -> bool: ...
     def send(self, peer: bytes, envelope: bytes, route: dict[str, Any] | None) -> None: ...
     def close(self) -> None: ...
+
+
+class OwnLoop:
+    """A transport with an event loop of its own (on its own thread), carrying only this
+    node's traffic: the node lets that loop write its commits itself (Writer.write_on)."""
+
+    _loop: asyncio.AbstractEventLoop
+    writes_on_loop = True
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
 
 class LoopbackTransport:
