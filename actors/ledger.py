@@ -1,9 +1,11 @@
 """The embedded ledger actor: the settlement contract over LMDB, a clock, and an event stream."""
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,11 @@ Listener = Callable[[dict[str, Any]], None]
 
 class LedgerActor(pykka.ThreadingActor):
     """Sole writer of the ledger tables. Never asks another actor, so asking it cannot deadlock."""
+
+    # A program that forgets Ledger.close() must still exit: the interpreter does not wait for
+    # this thread, and _close_all_at_exit stops the actor (closing its store) at exit instead.
+    # Every transaction is durable before its caller hears of it, so nothing is lost.
+    use_daemon_thread = True
 
     def __init__(self, data_dir: str, clock: WallClock | VirtualClock,
                  network_id: str = "paychan-dev") -> None:
@@ -93,6 +100,7 @@ class EmbeddedLedger:
         self.network_id = network_id
         self.ref = LedgerActor.start(data_dir, self.clock, network_id)
         self.proxy = self.ref.proxy()
+        _open.add(self)
 
     def now(self) -> int:
         return int(self.clock.now())
@@ -134,8 +142,22 @@ class EmbeddedLedger:
             self.clock.listen(callback)
 
     def close(self) -> None:
+        _open.discard(self)
         if self.ref.is_alive():
             self.ref.stop()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+# Embedded ledgers not closed yet, closed at interpreter exit (their temporary folder too).
+_open: weakref.WeakSet[EmbeddedLedger] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for ledger in list(_open):
+        try:
+            ledger.close()
+        except Exception:
+            log.exception("embedded ledger failed to close at exit")
