@@ -231,12 +231,15 @@ class NodeCore:
         self.supervisor.tell(channel_id, Cmd(inp, reply, height, errors_only, fresh))
 
     def refuse_blocking(self) -> None:
-        """Refuse a blocking call on a loop that writes this node's commits (a transport's,
-        e.g. from a quick handler): it would wait for the very loop it blocks."""
-        if self.store.writer.writes_on(asyncio._get_running_loop()):
+        """Refuse a blocking call where this node's commits are written: on a transport loop
+        that writes them, or on the thread writing a batch (both run quick handlers). It would
+        wait for the very commits it holds up."""
+        writer = self.store.writer
+        if writer.writes_on(asyncio._get_running_loop()) or writer.on_writer_thread():
             raise NotAllowedAtState(
-                "a blocking call on the node's transport loop would wait for that loop; use "
-                "the asyncio API (asend_message_and_pay, ...) or another thread")
+                "a blocking call where the node writes its commits (its transport loop or "
+                "storage writer, e.g. in a quick handler) would wait for itself; use the "
+                "asyncio API (asend_message_and_pay, ...) or another thread")
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
         self.refuse_blocking()

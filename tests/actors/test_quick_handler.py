@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import paychan
-from paychan.protocol.errors import HandlerError, Timeout
+from paychan.protocol.errors import HandlerError, NotAllowedAtState, Timeout
 from paychan.protocol.identity import decode_channel_id
 
 WAIT = 5.0
@@ -122,6 +122,29 @@ def test_a_raising_handler_refunds_the_payer(
     assert a.send_message_and_pay(channel, "tea", 2, timeout=WAIT) == ["served", "tea", 2]
     assert a.balances(channel)["my_balance"] == DEPOSIT - 2
     assert b.balances(channel)["my_balance"] == 2
+
+
+def test_a_quick_handler_may_not_block_where_commits_are_written(
+        pair: tuple[paychan.Node, paychan.Node], channel: str) -> None:
+    a, b = pair
+    tried: list[BaseException] = []
+
+    def pay_back(p: paychan.Payment) -> Any:
+        # It runs on the thread writing b's batch: a blocking payment would wait for a commit
+        # that this very thread holds up, until its timeout.
+        try:
+            b.send_message_and_pay(channel, "nested", 1, timeout=WAIT)
+        except Exception as exc:
+            tried.append(exc)
+            raise
+        return "paid back"
+    b.on_payment_received(pay_back, quick=True)
+
+    with pytest.raises(HandlerError, match="would wait for itself"):
+        a.send_message_and_pay(channel, "pay back", 3, timeout=3 * WAIT)
+    assert [type(exc) for exc in tried] == [NotAllowedAtState]
+    assert a.balances(channel)["my_balance"] == DEPOSIT  # the refused call was refunded
+    assert b.balances(channel)["sent_by_me"] == 3  # the refund; nothing paid from the handler
 
 
 @pytest.mark.parametrize("how", ["threads", "asyncio"])

@@ -239,12 +239,18 @@ def test_a_quick_handler_writes_on_the_transport_loop_and_may_not_block_there(pa
     b.on_payment_received(quick, quick=True)
     ch = a.create_channel(url_b, 1_000)
     b.deposit(ch, 100)
-    assert a.send_message_and_pay(ch, "hello", 2, timeout=10) == ["quick", "hello"]
-    # The payment's commit was written by b's transport loop, where the handler ran.
     http = b._core.transport("http")
-    assert seen == [http.loop]
+    # A payment's commit is written by b's transport loop, where the handler then runs, unless
+    # a batch of b's was being written at that moment (e.g. the ledger height after the
+    # deposit): then the writer thread writes it. One of a few calls finds the writer idle.
+    for i in range(5):
+        assert a.send_message_and_pay(ch, "hello", 2, timeout=10) == ["quick", "hello"]
+        if seen[-1] is http.loop:
+            break
+    assert seen[-1] is http.loop
+    paid = 2 * len(seen)
     with pytest.raises(errors.HandlerError, match="transport loop"):
         a.send_message_and_pay(ch, "pay back", 3, timeout=10)
-    assert a.balances(ch)["my_balance"] == 1_000 - 2  # the refused call was refunded
+    assert a.balances(ch)["my_balance"] == 1_000 - paid  # the refused call was refunded
     assert b.balances(ch)["sent_by_me"] == 3  # the refund; nothing was paid from the handler
     assert a.send_message_and_pay(ch, "after", 1, timeout=10) == ["quick", "after"]
