@@ -122,3 +122,27 @@ def test_duplicated_pays_run_the_handler_once(lossy_pair, network):
     assert a.balances(ch)["sent_by_me"] == 50
     twice = {pid: n for pid, n in served.calls.items() if n != 1}
     assert twice == {}, f"handler ran more than once for {len(twice)} of 50 payments: {twice}"
+
+
+def test_a_message_that_must_arrive_is_a_zero_payment(lossy_pair, network, wait_until):
+    """A third of the envelopes dropped: free messages are best effort and some are lost, while a
+    message paid with 0 arrives exactly once and moves no money (the README's advice)."""
+    a, b = lossy_pair
+    served = Served("b")
+    b.on_payment_received(served)
+    heard: list[Any] = []
+    b.on("message", lambda event: heard.append(event["body"]))
+    ch = a.create_channel(b, 1_000, dispute_period=60)
+    network.set_faults(Faults(drop=0.3, seed=3))
+    for i in range(30):
+        a.send_message(ch, f"free {i}")
+    retries: list[int] = []
+    for i in range(15):
+        assert pay_with_retries(a, ch, f"paid {i}", 0, f"z-{i}", retries) == ["b", f"paid {i}", 0]
+    network.set_faults(Faults())
+    a.send_message(ch, "last")  # events are dispatched in order: once it is heard, all are
+    wait_until(lambda: heard and heard[-1] == "last", what="the last free message")
+    assert len(heard) - 1 < 30, "no free message was lost: the faults prove nothing"
+    assert served.calls == Counter({f"z-{i}": 1 for i in range(15)})
+    assert a.balances(ch)["sent_by_me"] == 0 and b.balances(ch)["sent_by_me"] == 0
+    assert a.balances(ch)["my_balance"] == 1_000
