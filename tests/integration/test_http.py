@@ -243,7 +243,7 @@ def test_a_quick_handler_writes_on_the_transport_loop_and_may_not_block_there(pa
     # A payment's commit is written by b's transport loop, where the handler then runs, unless
     # a batch of b's was being written at that moment (e.g. the ledger height after the
     # deposit): then the writer thread writes it. One of a few calls finds the writer idle.
-    for i in range(5):
+    for _ in range(5):
         assert a.send_message_and_pay(ch, "hello", 2, timeout=10) == ["quick", "hello"]
         if seen[-1] is http.loop:
             break
