@@ -6,7 +6,9 @@ import json
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+import types
+from collections import deque
+from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,7 +61,7 @@ class HttpTransport(OwnLoop):
                                         name="paychan-http")
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._queues: dict[bytes, asyncio.Queue[bytes]] = {}
+        self._queues: dict[bytes, deque[bytes]] = {}
         self._workers: dict[bytes, asyncio.Task[None]] = {}
         self._urls: dict[bytes, str] = {}
         self._outbound: dict[bytes, Socket] = {}
@@ -135,7 +137,7 @@ class HttpTransport(OwnLoop):
         return web.json_response(self.info)
 
     async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_BODY, heartbeat=30)
+        ws = web.WebSocketResponse(max_msg_size=MAX_BODY + 1, heartbeat=30)
         await ws.prepare(request)
         if self._closing:  # a peer redialing us as we stop: the runner would wait for it
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
@@ -177,17 +179,46 @@ class HttpTransport(OwnLoop):
         if url:
             self._urls[peer] = url
         queue = self._queues.get(peer)
+        if not queue and peer not in self._gone:
+            worker = self._workers.get(peer)
+            if worker is None or worker.done():
+                ws = self._open_socket(peer)
+                if ws is not None and self._send_now(peer, ws, envelope):
+                    return
         if queue is None:
-            queue = self._queues[peer] = asyncio.Queue(MAX_QUEUED)
-        if queue.full():
-            queue.get_nowait()  # the oldest goes; sync resends whatever still matters
-        queue.put_nowait(envelope)
+            queue = self._queues[peer] = deque()
+        if len(queue) >= MAX_QUEUED:
+            queue.popleft()  # the oldest goes; sync resends whatever still matters
+        queue.append(envelope)
         self._wake(peer)
 
     def _wake(self, peer: bytes) -> None:
         worker = self._workers.get(peer)
         if worker is None or worker.done():
             self._workers[peer] = self._loop.create_task(self._drain(peer))
+
+    def _send_now(self, peer: bytes, ws: Socket, envelope: bytes) -> bool:
+        """Write a frame at once, with no task and no loop turn (a peer with nothing queued and
+        an open socket). False if the socket refused it: the caller queues it instead."""
+        coro = ws.send_bytes(envelope)
+        try:
+            awaited = coro.send(None)
+        except StopIteration:
+            return True
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            return False
+        # Paused by flow control; the frame is already in the transport's buffer. The send
+        # finishes in a task that then drains the queue, so later frames wait behind it.
+        self._workers[peer] = self._loop.create_task(self._finish_then_drain(peer, coro, awaited))
+        return True
+
+    async def _finish_then_drain(self, peer: bytes, coro: Any, awaited: Any) -> None:
+        try:
+            await _resume(coro, awaited)
+        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
+            log.info("send to %s failed (%s)", peer.hex()[:12], exc or type(exc).__name__)
+            self._gone.add(peer)  # as in _drain: redialed, and sync resends what mattered
+        await self._drain(peer)
 
     async def _drain(self, peer: bytes) -> None:
         """Stream a peer's queue in order over one WebSocket; while the peer is away, retry
@@ -197,17 +228,22 @@ class HttpTransport(OwnLoop):
         into that socket may be lost (a payment, or its answer, to a process that was killed),
         and when neither side has anything new to say only the sync on return finds them.
         With nothing queued we give up after REDIAL_FOR; the next send dials again."""
-        queue = self._queues.setdefault(peer, asyncio.Queue(MAX_QUEUED))
+        queue = self._queues.setdefault(peer, deque())
         delay, since = 0.1, self._loop.time()
-        while not queue.empty() or peer in self._gone:
+        while queue or peer in self._gone:
             try:
                 ws = await self._socket(peer)
-                while not queue.empty():
-                    await ws.send_bytes(queue.get_nowait())
+                while queue:
+                    # Taken off only once written: a write the socket refuses is retried
+                    # after the redial (a copy the peer got anyway is recognised there).
+                    envelope = queue[0]
+                    await ws.send_bytes(envelope)
+                    if queue and queue[0] is envelope:  # not dropped meanwhile as the oldest
+                        queue.popleft()
                 delay, since = 0.1, self._loop.time()
             except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
                 self._gone.add(peer)
-                if queue.empty() and self._loop.time() - since > REDIAL_FOR:
+                if not queue and self._loop.time() - since > REDIAL_FOR:
                     log.info("peer %s at %s still unreachable; redial stops until the next "
                              "send", peer.hex()[:12], self._urls.get(peer))
                     return
@@ -223,26 +259,36 @@ class HttpTransport(OwnLoop):
 
     async def _socket(self, peer: bytes) -> Socket:
         """An open socket to `peer`: ours to its URL, else the one it opened to us."""
-        for ws in (self._outbound.get(peer), self._inbound.get(peer)):
-            if ws is not None and not ws.closed:
-                return ws
+        ws = self._open_socket(peer)
+        if ws is not None:
+            return ws
         url = self._urls.get(peer)
         if url is None:
             raise aiohttp.ClientError("no URL for this peer and no socket from it")
         assert self._session is not None
         headers = {REPLY_TO: self.listen} if self.listen else {}
         ws_out = await self._session.ws_connect(url + "/ws", headers=headers, heartbeat=30,
-                                                max_msg_size=MAX_BODY)
+                                                max_msg_size=MAX_BODY + 1)
         self._outbound[peer] = ws_out
         self._sockets.add(ws_out)
         self._loop.create_task(self._read(ws_out, peer, None))
         return ws_out
+
+    def _open_socket(self, peer: bytes) -> Socket | None:
+        for ws in (self._outbound.get(peer), self._inbound.get(peer)):
+            if ws is not None and not ws.closed:
+                return ws
+        return None
 
     async def _read(self, ws: Socket, peer: bytes | None, route: dict[str, Any] | None) -> None:
         """Hand every frame from a socket to the node; answer junk with an error frame."""
         assert self._deliver is not None
         strikes = 0
         async for frame in ws:
+            if frame.type is aiohttp.WSMsgType.ERROR:  # e.g. an oversized frame: aiohttp closes
+                log.info("socket from %s failed: %s", peer.hex()[:12] if peer else "a peer",
+                         frame.data)
+                break
             if frame.type != aiohttp.WSMsgType.BINARY or len(frame.data) > MAX_BODY:
                 refused: PaychanError | None = BrokenEncoding("frames are binary envelopes")
             else:
@@ -255,7 +301,10 @@ class HttpTransport(OwnLoop):
                 continue
             self.refused += 1
             strikes += 1
-            await ws.send_str(json.dumps({"error": refused.to_wire()}))
+            try:
+                await ws.send_str(json.dumps({"error": refused.to_wire()}))
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                break  # closing already: nobody to tell
             if strikes >= MAX_STRIKES:
                 await ws.close(code=4002, message=b"too many refused frames")
                 break
@@ -282,6 +331,28 @@ class HttpTransport(OwnLoop):
             raise PeerUnreachable(f"{url}: TLS failed ({exc})") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {exc or type(exc).__name__}") from None
+
+
+@types.coroutine
+def _resume(coro: Any, awaited: Any) -> Generator[Any, Any, Any]:
+    """Run `coro` on from its first suspension, on `awaited`, inside the awaiting task: what
+    `await coro` would have done had the task started it."""
+    while True:
+        try:
+            value = yield awaited
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # e.g. the task cancelled: the coroutine decides
+            try:
+                awaited = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            awaited = coro.send(value)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _route(reply_to: str | None) -> dict[str, Any]:
