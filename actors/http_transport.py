@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -176,6 +177,8 @@ class HttpTransport(OwnLoop):
         self._calls.call(self._enqueue, peer, url, envelope)
 
     def _enqueue(self, peer: bytes, url: str | None, envelope: bytes) -> None:
+        if self._closing:
+            return  # stopping: no worker would be left to send it (sync resends what matters)
         if url:
             self._urls[peer] = url
         queue = self._queues.get(peer)
@@ -207,8 +210,8 @@ class HttpTransport(OwnLoop):
             return True
         except (aiohttp.ClientError, OSError, RuntimeError):
             return False
-        # Paused by flow control; the frame is already in the transport's buffer. The send
-        # finishes in a task that then drains the queue, so later frames wait behind it.
+        # Suspended (flow control, or a compressed socket): the rest of the send finishes in a
+        # task that then drains the queue, so later frames wait behind it.
         self._workers[peer] = self._loop.create_task(self._finish_then_drain(peer, coro, awaited))
         return True
 
@@ -284,35 +287,42 @@ class HttpTransport(OwnLoop):
         """Hand every frame from a socket to the node; answer junk with an error frame."""
         assert self._deliver is not None
         strikes = 0
-        async for frame in ws:
-            if frame.type is aiohttp.WSMsgType.ERROR:  # e.g. an oversized frame: aiohttp closes
-                log.info("socket from %s failed: %s", peer.hex()[:12] if peer else "a peer",
-                         frame.data)
-                break
-            if frame.type != aiohttp.WSMsgType.BINARY or len(frame.data) > MAX_BODY:
-                refused: PaychanError | None = BrokenEncoding("frames are binary envelopes")
-            else:
-                refused = self._deliver(frame.data, route)
-            if refused is None:
-                if peer is None:
-                    peer = _sender(frame.data)
-                    if peer is not None:
-                        self._inbound[peer] = ws  # the node opened it: the sender is real
-                continue
-            self.refused += 1
-            strikes += 1
-            try:
-                await ws.send_str(json.dumps({"error": refused.to_wire()}))
-            except (ConnectionError, RuntimeError, aiohttp.ClientError):
-                break  # closing already: nobody to tell
-            if strikes >= MAX_STRIKES:
-                await ws.close(code=4002, message=b"too many refused frames")
-                break
-        self._sockets.discard(ws)
-        if peer is not None:
-            self._gone.add(peer)
-            if not self._closing and peer in self._urls:
-                self._wake(peer)  # redial it: frames in the broken socket may be lost
+        try:
+            async for frame in ws:
+                if frame.type is aiohttp.WSMsgType.ERROR:  # e.g. an oversized frame
+                    log.info("socket from %s failed: %s",
+                             peer.hex()[:12] if peer else "a peer", frame.data)
+                    break
+                if frame.type != aiohttp.WSMsgType.BINARY or len(frame.data) > MAX_BODY:
+                    refused: PaychanError | None = BrokenEncoding("frames are binary envelopes")
+                else:
+                    refused = self._deliver(frame.data, route)
+                if refused is None:
+                    if peer is None:
+                        peer = _sender(frame.data)
+                        if peer is not None:
+                            self._inbound[peer] = ws  # the node opened it: the sender is real
+                    continue
+                self.refused += 1
+                strikes += 1
+                try:
+                    await ws.send_str(json.dumps({"error": refused.to_wire()}))
+                except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                    break  # the connection is gone: nobody to tell
+                if strikes >= MAX_STRIKES:
+                    await ws.close(code=4002, message=b"too many refused frames")
+                    break
+        finally:
+            self._sockets.discard(ws)
+            if not ws.closed:
+                # A socket nobody reads must not look open: sends would go into it, and the
+                # redial below would take it back, until its heartbeat failed (30 s).
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            if peer is not None:
+                self._gone.add(peer)
+                if not self._closing and peer in self._urls:
+                    self._wake(peer)  # redial it: frames in the broken socket may be lost
 
     def fetch_info(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
         """GET url/info from a caller's thread; clear errors for refused or untrusted peers."""

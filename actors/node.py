@@ -238,8 +238,9 @@ class NodeCore:
         if writer.writes_on(asyncio._get_running_loop()) or writer.on_writer_thread():
             raise NotAllowedAtState(
                 "a blocking call where the node writes its commits (its transport loop or "
-                "storage writer, e.g. in a quick handler) would wait for itself; use the "
-                "asyncio API (asend_message_and_pay, ...) or another thread")
+                "storage writer, e.g. in a quick handler) would wait for itself; call it from "
+                "another thread (on an event loop, the asyncio twins such as "
+                "asend_message_and_pay work)")
 
     def ask(self, channel_id: bytes, inp: Any, timeout: float = 30.0) -> ChannelState:
         self.refuse_blocking()

@@ -125,8 +125,10 @@ def test_a_raising_handler_refunds_the_payer(
 
 
 def test_a_quick_handler_may_not_block_where_commits_are_written(
-        pair: tuple[paychan.Node, paychan.Node], channel: str) -> None:
+        pair: tuple[paychan.Node, paychan.Node], channel: str, ledger: paychan.Ledger) -> None:
     a, b = pair
+    ledger.mint(b.address, 1_000)
+    b.deposit(channel, 100)  # so that b could pay: only the place of the call refuses it
     tried: list[BaseException] = []
 
     def pay_back(p: paychan.Payment) -> Any:
@@ -145,6 +147,7 @@ def test_a_quick_handler_may_not_block_where_commits_are_written(
     assert [type(exc) for exc in tried] == [NotAllowedAtState]
     assert a.balances(channel)["my_balance"] == DEPOSIT  # the refused call was refunded
     assert b.balances(channel)["sent_by_me"] == 3  # the refund; nothing paid from the handler
+    assert b.balances(channel)["my_balance"] == 100
 
 
 @pytest.mark.parametrize("how", ["threads", "asyncio"])

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from paychan.actors.http_transport import MAX_BODY, HttpTransport, _resume
+from paychan.protocol.errors import BrokenEncoding
 
 T = TypeVar("T")
 
@@ -436,6 +437,8 @@ def test_a_socket_refusing_the_write_sends_the_frame_through_the_queue_after_a_r
 
 def test_a_frame_of_the_largest_size_passes_and_a_larger_one_closes_the_socket_quietly(
         receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    # For the whole test: the receiver logs on its own loop thread, maybe after talk() ends.
+    caplog.set_level("INFO", logger="paychan.http")
     largest = b"\x00" * MAX_BODY  # junk to the node, but a size its sockets must carry
 
     async def talk() -> tuple[bool, int | None]:
@@ -453,10 +456,84 @@ def test_a_frame_of_the_largest_size_passes_and_a_larger_one_closes_the_socket_q
                     pass
                 return ws.closed, ws.close_code
 
-    with caplog.at_level("INFO"):
-        closed, code = asyncio.run(asyncio.wait_for(talk(), WAIT))
+    closed, code = asyncio.run(asyncio.wait_for(talk(), WAIT))
     assert receiver.frames == [largest, b"\x01"]
     assert closed and code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
     wait_until(lambda: any("failed" in r.getMessage() for r in caplog.records
                            if r.name == "paychan.http"), "the failed socket to be logged")
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+class Answering:
+    """A WebSocket server on 127.0.0.1 that records binary frames and answers the first frame
+    of its first connection with two junk frames (which the dialing side refuses)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="answering-server")
+        self._thread.start()
+        self._runner: web.AppRunner | None = None
+        self.url: str = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(WAIT)
+
+    async def _start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/ws", self._on_ws)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections += 1
+        first = self.connections == 1
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.frames.append(msg.data)
+                if first and len(self.frames) == 1:
+                    await ws.send_bytes(b"junk-1")
+                    await ws.send_bytes(b"junk-2")
+        return ws
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(WAIT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(WAIT)
+        self._loop.close()
+
+
+def test_a_reader_that_cannot_answer_junk_closes_its_socket_and_the_peer_is_redialed() -> None:
+    """The connection resets while the transport refuses a frame: its error frame cannot be
+    sent and the reader stops. The socket must not stay open-looking, else sends would go into
+    it (and the redial would reuse it) until the heartbeat failed, 30 s later."""
+    peer = Answering()
+    sender = HttpTransport(None, {})
+    refused: list[bytes] = []
+    reset: list[Any] = []
+
+    def deliver(frame: bytes, route: dict[str, Any] | None) -> BrokenEncoding:
+        refused.append(frame)
+        if frame == b"junk-1":  # on the sender's loop: the reset comes as it refuses
+            reset.append(sender._outbound[PEER])
+            reset[0]._writer.transport.abort()  # aiohttp offers no public handle on it
+        return BrokenEncoding("junk")
+
+    sender.start(deliver)
+    try:
+        route = {"via": "http", "url": peer.url}
+        sender.send(PEER, envelope(0, 50), route)
+        wait_until(lambda: bool(reset) and reset[0].closed, "the reset socket to be closed")
+        assert refused[:1] == [b"junk-1"]
+        for seq in range(1, 4):
+            sender.send(PEER, envelope(seq, 50), route)
+        wait_until(lambda: len(peer.frames) >= 4, "the frames sent after the reset", 3.0)
+        assert [seq_of(f) for f in peer.frames] == [0, 1, 2, 3]
+        assert peer.connections == 2  # redialed
+    finally:
+        sender.close()
+        peer.stop()
