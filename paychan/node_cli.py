@@ -5,10 +5,14 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
+import time
 from typing import Any
 
+from paychan.actors.ledger_client import LedgerUnreachable
 from paychan.api import EVENTS, Ledger, Node, Payment
+from paychan.protocol.errors import PaychanError
 from paychan.service import tune_gc
 
 log = logging.getLogger("paychan.daemon")
@@ -27,6 +31,10 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--tls-cert", default=None)
         p.add_argument("--tls-key", default=None)
         p.add_argument("--tls-ca", default=None, help="CA file that peers' certificates chain to")
+        p.add_argument("--wait-ledger", type=float, default=60.0 if verb == "run" else 0.0,
+                       metavar="SECONDS",
+                       help="how long to retry a ledger that does not answer yet (run: 60, "
+                            "pay: 0)")
     pay = verbs.choices["pay"]
     pay.add_argument("--peer", required=True, help="the peer's URL or pairing code")
     pay.add_argument("--deposit", type=int, default=1000, help="deposit of a new channel")
@@ -37,16 +45,36 @@ def add_parser(sub: Any) -> None:
     pay.add_argument("--close", action="store_true", help="close the channel afterwards")
 
 
+def _connect(url: str, wait: float) -> Ledger:
+    """The ledger at `url`, retried with backoff for up to `wait` seconds: a daemon may well be
+    started before (or while) its ledger server restarts."""
+    deadline = time.monotonic() + wait
+    delay = 0.25
+    while True:
+        try:
+            return Ledger.connect(url)
+        except LedgerUnreachable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("ledger not answering (%s); retrying in %g s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def _open(args: argparse.Namespace) -> Node:
-    return Node.open(args.data, ledger=Ledger.connect(args.ledger), listen=args.listen,
-                     hub=args.hub, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                     tls_ca=args.tls_ca)
+    return Node.open(args.data, ledger=_connect(args.ledger, args.wait_ledger),
+                     listen=args.listen, hub=args.hub, tls_cert=args.tls_cert,
+                     tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verb == "run" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args) if args.verb == "run" else pay(args)
+    try:
+        return run(args) if args.verb == "run" else pay(args)
+    except PaychanError as exc:  # a clear line, not a traceback: the error says what failed
+        print(f"paychan node {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def run(args: argparse.Namespace) -> int:
