@@ -91,19 +91,16 @@ class Receiver:
         self.frames.append(envelope)  # on its loop thread; list.append is atomic
 
 
-class StalledServer:
-    """A bare aiohttp WebSocket server on 127.0.0.1, on a loop thread of its own, that accepts a
-    socket and then reads nothing until `resume()`: aiohttp stops reading the TCP socket once its
-    message queue is full, so the kernel buffers fill and the sender's writer is paused."""
+class WsServer:
+    """A bare aiohttp WebSocket server on 127.0.0.1, on a loop thread of its own; subclasses say
+    what `_on_ws` does with a socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         self.frames: list[bytes] = []
         self.connections = 0
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="stalled-server")
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=name)
         self._thread.start()
-        self._reading = asyncio.Event()  # bound to the server's loop on its first wait
         self._runner: web.AppRunner | None = None
         self.url: str = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(WAIT)
 
@@ -112,10 +109,28 @@ class StalledServer:
         app.router.add_get("/ws", self._on_ws)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(WAIT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(WAIT)
+        self._loop.close()
+
+
+class StalledServer(WsServer):
+    """Accepts a socket, then reads nothing until `resume()`: aiohttp stops reading the TCP
+    socket once its message queue is full, so the kernel buffers fill and the sender's writer
+    is paused."""
+
+    def __init__(self) -> None:
+        self._reading = asyncio.Event()  # bound to the server's loop on its first wait
+        super().__init__("stalled-server")
 
     async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
         # No compression: a large frame then only waits on flow control, never on a deflater.
@@ -133,11 +148,7 @@ class StalledServer:
 
     def stop(self) -> None:
         self.resume()
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(WAIT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(WAIT)
-        self._loop.close()
+        super().stop()
 
 
 def _ignore(envelope: bytes, route: dict[str, Any] | None) -> None:
@@ -464,27 +475,12 @@ def test_a_frame_of_the_largest_size_passes_and_a_larger_one_closes_the_socket_q
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
-class Answering:
-    """A WebSocket server on 127.0.0.1 that records binary frames and answers the first frame
-    of its first connection with two junk frames (which the dialing side refuses)."""
+class Answering(WsServer):
+    """Records binary frames and answers the first frame of its first connection with two
+    junk frames (which the dialing side refuses)."""
 
     def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.connections = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="answering-server")
-        self._thread.start()
-        self._runner: web.AppRunner | None = None
-        self.url: str = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(WAIT)
-
-    async def _start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/ws", self._on_ws)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        super().__init__("answering-server")
 
     async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -498,13 +494,6 @@ class Answering:
                     await ws.send_bytes(b"junk-1")
                     await ws.send_bytes(b"junk-2")
         return ws
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(WAIT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(WAIT)
-        self._loop.close()
 
 
 def test_a_reader_that_cannot_answer_junk_closes_its_socket_and_the_peer_is_redialed() -> None:
