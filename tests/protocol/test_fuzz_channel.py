@@ -145,6 +145,9 @@ class InFlight:
     recipient: str
     data: bytes
     forged: bool = False  # made by a cheater outside the protocol
+    # Sent by a party restored from an old copy and not yet synced: what it says it holds of
+    # the recipient's may be as old as the recipient's own copy, so it cures no amnesia.
+    from_amnesiac: bool = False
 
     def __repr__(self) -> str:
         kind = msgpack.unpackb(self.data, raw=False).get("type")
@@ -181,11 +184,18 @@ class Party:
     high: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # voucher high marks
     backups: list[Backup] = field(default_factory=list)  # old copies an operator may restore
     amnesiac_since: int | None = None  # restored from a backup, not yet synced after (serial)
+    amnesiac_period: int = 0  # the period it was restored into; a settlement ends the amnesia
     restored_periods: set[int] = field(default_factory=set)  # may have signed colliding nonces
 
     @property
     def public(self) -> bytes:
         return self.key.public
+
+    @property
+    def amnesiac(self) -> bool:
+        """Restored from an old copy and not yet told by an unrestored peer what it signed
+        in this period (a settled period holds nothing to forget)."""
+        return self.amnesiac_since is not None and self.state.period == self.amnesiac_period
 
 
 def period_of(msg: Msg) -> int | None:
@@ -310,7 +320,7 @@ class ChannelMachine(RuleBasedStateMachine):
         if isinstance(eff, Send):
             self.serial += 1
             self.outbox.append(InFlight(self.serial, p.name, self._other(p.name),
-                                        wire.encode(eff.msg)))
+                                        wire.encode(eff.msg), from_amnesiac=p.amnesiac))
         elif isinstance(eff, CallHandler):
             p.calls[eff.payment_id] = eff
         elif isinstance(eff, RecordResult):
@@ -572,6 +582,7 @@ class ChannelMachine(RuleBasedStateMachine):
         self._input(p.name, LedgerUpdate(self.record))
         p.restored_periods.add(p.state.period)
         p.amnesiac_since = self.serial
+        p.amnesiac_period = p.state.period
         self._command(p.name, ActionSync(), None)
         return self._flush()
 
@@ -601,8 +612,10 @@ class ChannelMachine(RuleBasedStateMachine):
     def close(self, name: str, solo: bool, force: bool) -> Any:
         """A mutual close (a proposal the peer co-signs), or a solo close on the ledger. Only
         once the period has seen some business, so that most periods have something to close."""
-        if self.parties[name].amnesiac_since is not None:
-            return self._flush()  # restored from an old copy: it syncs before it closes
+        if solo and self.parties[name].amnesiac:
+            # Restored from an old copy: it learns what it signed before it declares it alone;
+            # a mutual close is safe, the peer co-signs no figures below what it holds.
+            return self._flush()
         s = self.parties[name].state
         refusal: type[PaychanError] | None = None
         if s.phase not in (Phase.OPEN, Phase.CLOSING):
@@ -659,8 +672,10 @@ class ChannelMachine(RuleBasedStateMachine):
         period = p.state.period
         effects = self._input(msg.recipient, channel.receive(decoded, known))
         if (isinstance(decoded, Sync) and p.amnesiac_since is not None
-                and msg.serial > p.amnesiac_since and not msg.forged):
-            p.amnesiac_since = None  # the peer told it what it holds of ours, after the restore
+                and msg.serial > p.amnesiac_since and not msg.forged and not msg.from_amnesiac):
+            # The peer told it what it holds of ours, after the restore, from a copy that was
+            # not restored itself (README, Recovery: a peer restored too may have forgotten).
+            p.amnesiac_since = None
         if msg.forged:
             self.misled.add(msg.recipient)
         elif period_of(decoded) == period and msg.recipient not in self.misled:
