@@ -612,12 +612,12 @@ def test_ledger_killed_while_nodes_pay(world, rng):
     storm(a, ch, "a", 2)
     storm(b, ch, "b", 1)
     assert world.ledger is not None
-    kills, while_down, deposited = 5, 0, 0
+    kills, while_down, deposited = 10, 0, 0  # as many kills as each node gets
     for k in range(kills):
         wait_progress(a, "a", 3)
         wait_progress(b, "b", 3)
         deposit_at = None
-        if k in (1, 3):  # a deposit whose ledger transaction meets the kill
+        if k in (1, 4, 7):  # a deposit whose ledger transaction meets the kill
             deposit_at = b.send(f"deposit {ch} 500")
             b.wait_line(f"DEPOSITING {ch}", deposit_at, 30, fail="ERR deposit")
             time.sleep(rng.uniform(0.0, 0.05))
@@ -651,7 +651,7 @@ def test_hub_killed_mid_storm(world, rng):
     storm(a, ch, "a", 2)
     storm(b, ch, "b", 1)
     assert world.hub is not None
-    kills, waits = 5, []
+    kills, waits = 10, []  # as many kills as each node gets
     for k in range(kills):
         wait_progress(a, "a", 3)
         wait_progress(b, "b", 3)
