@@ -526,6 +526,49 @@ def test_three_processes_pay_both_ways_then_close_mutually_and_solo(world):
           f"{time.monotonic() - started:.1f} s")
 
 
+def test_three_node_processes_pay_around_a_triangle_then_close(world):
+    """Three node processes and the ledger: a channel between every two of them, all six
+    directions paying at once, so every node pays on one channel while it serves on another;
+    then one close of each kind."""
+    started = time.monotonic()
+    world.start_ledger()
+    a, b, c = world.node("a"), world.node("b"), world.node("c")
+    channels = {(a, b): open_channel(a, b, 6_000, 4_000, dispute=100),
+                (b, c): open_channel(b, c, 6_000, 4_000, dispute=100),
+                (c, a): open_channel(c, a, 6_000, 4_000, dispute=100)}
+    counts = {}
+    for k, ((x, y), ch) in enumerate(channels.items()):
+        counts[x.name + "x"], counts[y.name + "y"] = 60 + 10 * k, 40 + 10 * k
+        storm(x, ch, x.name + "x", 3, n=counts[x.name + "x"])
+        storm(y, ch, y.name + "y", 2, n=counts[y.name + "y"])
+    for (x, y) in channels:
+        x.wait_line(f"STORMED {x.name}x", 0, 120, fail="ERR")
+        y.wait_line(f"STORMED {y.name}y", 0, 120, fail="ERR")
+    for (x, y), ch in channels.items():
+        sx, sy = agree(x, y, ch)
+        sent_x, sent_y = 3 * counts[x.name + "x"], 2 * counts[y.name + "y"]
+        assert sx["sent_by_me"] == check_storm(x, x.name + "x", counts[x.name + "x"]) == sent_x
+        assert sy["sent_by_me"] == check_storm(y, y.name + "y", counts[y.name + "y"]) == sent_y
+        assert (sx["sent_by_peer"], sy["sent_by_peer"]) == (sent_y, sent_x)
+        assert sx["my_balance"] == 6_000 - sent_x + sent_y
+        assert sy["my_balance"] == 4_000 + sent_x - sent_y
+    # Mutual; solo by the opener (the peer's watcher confirms at once); solo by the other side.
+    close_and_check(world, a, b, channels[(a, b)])
+    close_and_check(world, b, c, channels[(b, c)], how="solo")
+    close_and_check(world, a, c, channels[(c, a)], how="solo")
+    # What each node ends with: its net flow over its two channels.
+    net = {n: 0 for n in "abc"}
+    for (x, y) in channels:
+        flow = 3 * counts[x.name + "x"] - 2 * counts[y.name + "y"]
+        net[x.name] -= flow
+        net[y.name] += flow
+    assert {n.name: world.balance(n) - MINT for n in (a, b, c)} == net
+    conserved(world, a, b, c)
+    no_problems(a, b, c)
+    print(f"three node processes, {sum(counts.values())} payments around a triangle, "
+          f"three closes: {time.monotonic() - started:.1f} s")
+
+
 def kill_node_mid_storm(world: World, rng: random.Random, victim_is_payer: bool,
                         kills: int, hub: bool = False) -> None:
     started = time.monotonic()
