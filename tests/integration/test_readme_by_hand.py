@@ -40,10 +40,12 @@ def test_by_hand_commands(tmp_path):
                                       ["node", "pay"], ["node", "pay"]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     servers = []
+    logs = [tmp_path / f"server{i}.err" for i in range(3)]
     try:
-        for cmd in cmds[:3]:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    text=True, env=env)
+        for cmd, log in zip(cmds[:3], logs, strict=True):
+            with open(log, "w") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                        env=env)
             servers.append(proc)
             first = proc.stdout.readline()
             assert "listening" in first or "running" in first, first
@@ -61,6 +63,8 @@ def test_by_hand_commands(tmp_path):
         assert json.loads(carol.stdout.splitlines()[-1])["sent_by_me"] == 3
     finally:
         for proc in reversed(servers):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)  # the README's Ctrl-C
         codes = [proc.wait(timeout=20) for proc in servers]
     assert codes == [0, 0, 0]
+    for log in logs:
+        assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
