@@ -1,4 +1,5 @@
-"""The chat hub as a real process: relay both ways, offline delivery, kill -9, hostile logins."""
+"""The chat hub as a real process: relay both ways, offline delivery, kill -9 and Ctrl-C,
+hostile logins and frames."""
 import asyncio
 import os
 import select
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +30,13 @@ from paychan.actors.hub import (
 )
 from paychan.actors.loopback import LoopbackNetwork
 from paychan.actors.node import NodeCore
-from paychan.protocol.errors import BadSignature, BrokenEncoding, Unauthorized, from_wire
+from paychan.protocol.errors import (
+    BadSignature,
+    BrokenEncoding,
+    PaychanError,
+    Unauthorized,
+    from_wire,
+)
 from paychan.protocol.identity import DOMAIN_HUB_LOGIN, Identity, encode_address
 from paychan.storage.env import Store
 from paychan.storage.writer import Put
@@ -79,9 +87,9 @@ class HubProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self):
-        """SIGTERM: a clean shutdown exits 0."""
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM or SIGINT (Ctrl-C): a clean shutdown exits 0."""
+        self.proc.send_signal(sig)
         code = self.proc.wait(10)
         self.proc.stdout.close()
         return code
@@ -116,11 +124,13 @@ class Peer:
         self.sealer = Sealer(self.identity)
         self.secret = secret if secret is not None else os.urandom(16)
         self.got: list[tuple[bytes, bytes, dict]] = []
+        self.envelopes: list[bytes] = []  # every delivery, even one that does not open
         self.chat = ChatTransport(hub_url, self.identity, self.secret)
         self.chat.start(self._deliver)
         assert self.chat.wait_connected(10)
 
     def _deliver(self, envelope, route):
+        self.envelopes.append(envelope)
         sender, payload = self.sealer.open(envelope)
         self.got.append((sender, payload, route))
 
@@ -228,6 +238,28 @@ def test_kill_9_loses_nothing_queued_and_stores_no_plaintext(hub, peers):
     assert time.monotonic() - started < 5
     assert "hub stopped" in (hub.data.parent / "hub-2.log").read_text()
     wait_until(lambda: not a.chat.connected.is_set(), what="a to see the hub go")
+
+
+def test_ctrl_c_stops_the_hub_cleanly_and_keeps_the_queue(
+        hub: HubProcess, peers: Callable[..., Peer]) -> None:
+    # The README tells users to stop the hub with Ctrl-C: SIGINT must be as clean as SIGTERM,
+    # and a restart must still hold what was acknowledged before it.
+    a, b = peers(), peers()
+    seed, secret = b.identity.seed, b.secret
+    b.close()
+    paired(a, b)
+    a.send(b.key, b"queued before Ctrl-C")
+    wait_until(a.stored, what="the hub to store")
+    started = time.monotonic()
+    assert hub.stop(signal.SIGINT) == 0  # with a still connected
+    assert time.monotonic() - started < 5
+    log = (hub.data.parent / "hub-1.log").read_text()
+    assert "hub stopped" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    hub.start()
+    later = peers(seed=seed, secret=secret)
+    wait_until(lambda: later.payloads() == [b"queued before Ctrl-C"], what="the queued envelope")
+    assert a.chat.refused == []
 
 
 def test_first_contact_needs_the_pairing_secret(hub, peers):
@@ -382,6 +414,108 @@ def test_junk_after_login_gets_an_error_and_changes_nothing(hub, peers):
     wait_until(lambda: back.got, what="the duplicate")
     time.sleep(0.5)
     assert back.payloads() == [b"dup"]
+
+
+def test_envelope_sealed_for_another_key_than_its_to_is_refused(
+        hub: HubProcess, peers: Callable[..., Peer]) -> None:
+    a, b, c = peers(), peers(), peers()
+    paired(a, b)
+    paired(a, c)
+    before = hub.snapshot()
+    raw = Identity(os.urandom(32))
+    for_b = Sealer(raw).seal(b.key, b"sealed for b")
+    for_c = Sealer(raw).seal(c.key, b"sealed for c")
+    ids = [os.urandom(16), os.urandom(16)]
+    # Each frame carries the pairing secret of its `to`: only the recipient check refuses it.
+    replies, closed = asyncio.run(_exchange(hub.url, lambda ch: [
+        encode_frame("send", to=b.key, id=ids[0], envelope=for_c, secret=b.secret),
+        encode_frame("send", to=c.key, id=ids[1], envelope=for_b, secret=c.secret)],
+        after_login=raw))
+    assert closed is None
+    assert [k for k, _ in replies] == ["error", "error"], replies
+    assert sorted(f["id"] for _, f in replies) == sorted(ids)
+    assert not any(f.get("retry") for _, f in replies)  # final: resending cannot help
+    assert all(type(e) is Unauthorized for e in _errors(replies))
+    assert hub.snapshot() == before
+    # One queue per recipient, delivered in order: had either been queued, it would arrive
+    # before what a sends now.
+    a.send(b.key, b"after")
+    a.send(c.key, b"after")
+    wait_until(lambda: b.payloads() == [b"after"] == c.payloads(), what="a's envelopes")
+    assert len(b.envelopes) == 1 and len(c.envelopes) == 1
+    # The same envelope and secret with the right `to` is taken: the mismatch alone was refused.
+    replies, _ = asyncio.run(_exchange(hub.url, lambda ch: [
+        encode_frame("send", to=b.key, id=os.urandom(16), envelope=for_b, secret=b.secret)],
+        after_login=raw))
+    assert [k for k, _ in replies] == ["ack"]
+    wait_until(lambda: b.payloads() == [b"after", b"sealed for b"], what="the right envelope")
+
+
+# Ways to cut off a valid frame, or to claim more than a frame holds; each list is sent as
+# separate WebSocket messages.
+CUTS: dict[str, Callable[[bytes], list[bytes]]] = {
+    "cut in half": lambda whole: [whole[:len(whole) // 2]],
+    # The rest as the next message must not complete it: a message is one whole frame.
+    "split over two messages": lambda whole: [whole[:len(whole) // 2], whole[len(whole) // 2:]],
+    "last byte missing": lambda whole: [whole[:-1]],
+    "first byte only": lambda whole: [whole[:1]],
+    # encode_frame writes a fixmap (0x80 + fields): claim one field more than follows.
+    "map claims one field more": lambda whole: [bytes([whole[0] + 1]) + whole[1:]],
+    # Headers claiming 4 GiB or 4 G items in a few bytes: refused, nothing allocated.
+    "bin32 claims 4 GiB": lambda whole: [b"\x82\xa1t\xa4send\xa2to\xc6\xff\xff\xff\xff"
+                                         + bytes(8)],
+    "array32 claims 4 G items": lambda whole: [b"\xdd\xff\xff\xff\xff" + bytes(8)],
+}
+
+
+def _malformed(err: PaychanError) -> bool:
+    return type(err) is BrokenEncoding and "malformed msgpack" in err.message
+
+
+def test_cut_off_frames_before_login_are_refused_and_change_nothing(
+        hub: HubProcess, peers: Callable[..., Peer]) -> None:
+    a, b = peers(), peers()
+    paired(a, b)
+    before = hub.snapshot()
+    stranger = Identity(os.urandom(32))
+    for name, cut in CUTS.items():
+        # A login that would succeed if the hub read it whole.
+        replies, closed = asyncio.run(_exchange(
+            hub.url, lambda ch, cut=cut: cut(login_frame(stranger, ch, hub.url))))
+        assert closed == 4001, (name, closed)
+        assert [k for k, _ in replies] == ["error"], (name, replies)
+        assert _malformed(_errors(replies)[0]), (name, _errors(replies))
+    assert hub.snapshot() == before
+    a.send(b.key, b"still served")
+    wait_until(lambda: b.payloads() == [b"still served"], what="relay after the cut frames")
+
+
+def test_cut_off_frames_after_login_get_an_error_each_and_change_nothing(
+        hub: HubProcess, peers: Callable[..., Peer]) -> None:
+    a, b = peers(), peers()
+    paired(a, b)
+    before = hub.snapshot()
+    raw = Identity(os.urandom(32))
+    # A send the hub would store (b's secret, a sealed envelope), cut in every way.
+    sealed = Sealer(raw).seal(b.key, b"never whole")
+    whole = encode_frame("send", to=b.key, id=os.urandom(16), secret=b.secret, envelope=sealed)
+    cut = [m for how in CUTS.values() for m in how(whole)]
+    cut.append(whole[:-10])  # the envelope, the last field, claims 10 bytes more
+    # A whole frame after the cut ones is still read as itself (no secret: refused, so nothing
+    # is stored, but it answers with its own id).
+    probe = os.urandom(16)
+    last = encode_frame("send", to=b.key, id=probe, envelope=sealed)
+    replies, closed = asyncio.run(_exchange(hub.url, lambda ch: [*cut, last], after_login=raw))
+    assert closed is None
+    errors = _errors(replies)
+    assert [k for k, _ in replies] == ["error"] * (len(cut) + 1), replies
+    assert all(_malformed(e) and "id" not in f
+               for e, (_, f) in zip(errors[:-1], replies[:-1], strict=True)), errors
+    assert type(errors[-1]) is Unauthorized and replies[-1][1]["id"] == probe
+    assert hub.snapshot() == before
+    a.send(b.key, b"still served")
+    wait_until(lambda: b.payloads() == [b"still served"], what="relay after the cut frames")
+    assert len(b.envelopes) == 1
 
 
 def test_queue_bound_dedup_window_and_pruning(tmp_path):
