@@ -11,11 +11,25 @@ import time
 from typing import Any
 
 from paychan.actors.ledger_client import LedgerUnreachable
+from paychan.actors.node import FREQUENT_EVENTS
 from paychan.api import EVENTS, Ledger, Node, Payment
 from paychan.protocol.errors import PaychanError
 from paychan.service import tune_gc
 
 log = logging.getLogger("paychan.daemon")
+
+LOG_MESSAGE_CHARS = 500  # of one log message: peers choose some of what is logged
+
+
+class BoundedFormatter(logging.Formatter):
+    """Cuts a long message, so that a log line stays bounded: a peer's error text or message
+    can be 64 KiB, and some of the node's lines quote them. Tracebacks are kept whole."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if len(record.message) > LOG_MESSAGE_CHARS:
+            record.message = (f"{record.message[:LOG_MESSAGE_CHARS]}... "
+                              f"({len(record.message)} chars)")
+        return super().formatMessage(record)
 
 
 def add_parser(sub: Any) -> None:
@@ -45,9 +59,9 @@ def add_parser(sub: Any) -> None:
     pay.add_argument("--close", action="store_true", help="close the channel afterwards")
 
 
-def _connect(url: str, wait: float) -> Ledger:
+def _connect(url: str, wait: float, stopping: threading.Event) -> Ledger | None:
     """The ledger at `url`, retried with backoff for up to `wait` seconds: a daemon may well be
-    started before (or while) its ledger server restarts."""
+    started before (or while) its ledger server restarts. None when `stopping` is set first."""
     deadline = time.monotonic() + wait
     delay = 0.25
     while True:
@@ -57,19 +71,24 @@ def _connect(url: str, wait: float) -> Ledger:
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("ledger not answering (%s); retrying in %g s", exc, delay)
-            time.sleep(delay)
+            if stopping.wait(delay):
+                return None
             delay = min(delay * 2, 5.0)
 
 
-def _open(args: argparse.Namespace) -> Node:
-    return Node.open(args.data, ledger=_connect(args.ledger, args.wait_ledger),
-                     listen=args.listen, hub=args.hub, tls_cert=args.tls_cert,
-                     tls_key=args.tls_key, tls_ca=args.tls_ca)
+def _open(args: argparse.Namespace, stopping: threading.Event) -> Node | None:
+    ledger = _connect(args.ledger, args.wait_ledger, stopping)
+    if ledger is None:
+        return None
+    return Node.open(args.data, ledger=ledger, listen=args.listen, hub=args.hub,
+                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
 def main(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler()
+    handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.verb == "run" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        handlers=[handler])
     try:
         return run(args) if args.verb == "run" else pay(args)
     except PaychanError as exc:  # a clear line, not a traceback: the error says what failed
@@ -79,18 +98,27 @@ def main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then stop cleanly (actors, transports, store)."""
-    node = _open(args)
-    done = threading.Event()
+    stopping = threading.Event()
+    # Before opening: a signal while the ledger is awaited (or the store recovers) must stop
+    # the daemon cleanly too, not kill it or end it in a KeyboardInterrupt traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, lambda *_: stopping.set())
+    node = _open(args, stopping)
+    if node is None:
+        log.info("stopping")
+        return 0
 
     def echo(p: Payment) -> dict[str, Any]:
         return {"echo": p.message, "amount": p.amount}
 
-    node.on_payment_received(echo, quick=True)  # it only builds a dict
+    # The node logs each channel event at INFO itself, except the frequent ones (a payment)
+    # that it keeps at DEBUG for applications making many calls; a daemon's log wants a line
+    # for those too. Logging the others here as well would write them twice. Registered before
+    # the handler is set, so that the calls recovery resumes are logged when they finish.
     for event in EVENTS:
-        if event != "payment_received":  # one line per payment would flood the log
-            node.on(event, lambda e: log.info("event %s", json.dumps(e, default=str)))
+        if event in FREQUENT_EVENTS:
+            node.on(event, _log_event)
+    node.on_payment_received(echo, quick=True)  # it only builds a dict
     tune_gc()  # a daemon: what startup built lives as long as the process
     print(f"node {node.address} running", flush=True)
     try:
@@ -98,14 +126,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"pairing code {code}", flush=True)
     except Exception:  # no hub: peers reach us by URL
         pass
-    done.wait()
+    stopping.wait()
     log.info("stopping")
     node.stop()
     return 0
 
 
+def _log_event(event: dict[str, Any]) -> None:
+    """`ch_...: payment_received {'payment_id': ..., 'amount': ...}`: the shape of the node's
+    own event lines, and like them without a message body."""
+    info = {k: v for k, v in event.items() if k not in ("event", "channel_id", "body")}
+    log.info("%s: %s %s", event["channel_id"], event["event"], info)
+
+
 def pay(args: argparse.Namespace) -> int:
-    with _open(args) as node:
+    node = _open(args, threading.Event())  # never set: only `run` turns signals into a stop
+    assert node is not None  # None means "stopped while awaiting the ledger"
+    with node:
         if args.mint:
             Ledger.connect(args.ledger).mint(node.address, args.mint)
         need = args.amount * args.count

@@ -1,8 +1,11 @@
-"""`paychan node` and an absent ledger: the daemon waits for one started after it, and a command
-that cannot reach one fails with a single clear line, not a traceback."""
+"""`paychan node`: the daemon waits for a ledger started after it, writes a line per channel
+event, and stops cleanly on SIGTERM and SIGINT (Ctrl-C); a command that cannot reach a ledger
+fails with a single clear line, not a traceback."""
 from __future__ import annotations
 
+import logging
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +14,11 @@ import threading
 import time
 from pathlib import Path
 from typing import IO
+
+import pytest
+
+from paychan import Ledger, Node
+from paychan.node_cli import LOG_MESSAGE_CHARS, BoundedFormatter
 
 BIN = Path(sys.executable).parent
 WAIT = 30.0
@@ -46,6 +54,46 @@ def wait_for_line(lines: queue.Queue[str], needle: str, what: str) -> str:
             return line
 
 
+def stop_all(procs: list[subprocess.Popen[str]],
+             sig: signal.Signals = signal.SIGTERM) -> list[int]:
+    """Each process's exit code after `sig`; one still alive after WAIT is killed, so that no
+    test leaves a process behind (its code is then -9, which the test's assertion shows)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=WAIT))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    return codes
+
+
+def start_ledger(data: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "paychan"), "ledger", "serve", "--data", str(data), "--port", str(port)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def start_node(data: Path, ledger: str, listen: str, log: Path,
+               *more: str) -> subprocess.Popen[str]:
+    """`paychan node run`, its log (stderr) going to the file `log`, as a service's would."""
+    with open(log, "w") as err:
+        return subprocess.Popen(
+            [str(BIN / "paychan"), "node", "run", "--data", str(data), "--ledger", ledger,
+             "--listen", listen, *more],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def wait_for_text(path: Path, needle: str, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while needle not in path.read_text():
+        assert time.monotonic() < deadline, f"no {needle!r} ({what}) in {path} within {WAIT} s"
+        time.sleep(0.05)
+
+
 def test_node_run_waits_for_a_ledger_started_after_it(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -53,24 +101,17 @@ def test_node_run_waits_for_a_ledger_started_after_it(tmp_path: Path) -> None:
         [str(BIN / "paychan"), "node", "run", "--data", str(tmp_path / "node"), "--ledger", url,
          "--listen", f"http://127.0.0.1:{free_port()}", "--wait-ledger", str(WAIT)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ledger: subprocess.Popen[str] | None = None
+    procs = [node]
     try:
         assert node.stdout is not None and node.stderr is not None
         out, err = lines_of(node.stdout), lines_of(node.stderr)
         wait_for_line(err, "ledger not answering", "the node retrying")
         assert node.poll() is None  # still waiting, not failed
-        ledger = subprocess.Popen(
-            [str(BIN / "paychan"), "ledger", "serve", "--data", str(tmp_path / "ledger"),
-             "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True)
+        procs.append(start_ledger(tmp_path / "ledger", port))
         line = wait_for_line(out, "running", "the node to start once the ledger answers")
         assert line.startswith("node ak_"), line
     finally:
-        for proc in (node, ledger):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(timeout=WAIT) for proc in (node, ledger) if proc is not None]
+        codes = stop_all(procs)
     assert codes == [0, 0]
 
 
@@ -85,3 +126,105 @@ def test_node_pay_without_a_ledger_fails_with_one_clear_line(tmp_path: Path) -> 
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"paychan node pay: LedgerUnreachable: {url}/info"), done.stderr
     assert done.stdout == ""
+
+
+def test_node_run_logs_one_line_per_channel_event(tmp_path: Path) -> None:
+    ledger_port, node_port = free_port(), free_port()
+    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
+    log = tmp_path / "node.log"
+    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    try:
+        assert procs[0].stdout is not None
+        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
+        node = start_node(tmp_path / "node", ledger_url, node_url, log)
+        procs.insert(0, node)  # stopped first: it talks to the ledger until then
+        assert node.stdout is not None
+        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        with Ledger.connect(ledger_url) as ledger, \
+                Node.open(str(tmp_path / "payer"), ledger=ledger) as payer:
+            ledger.mint(payer.address, 1000)
+            ch = payer.create_channel(node_url, 500, timeout=WAIT)
+            reply = payer.send_message_and_pay(ch, "hello", 7, timeout=WAIT,
+                                               payment_id="first-payment")
+            assert reply == {"echo": "hello", "amount": 7}
+            # Near the largest body a message may have: its line must not quote it.
+            payer.send_message(ch, "y" * 60_000)
+            wait_for_text(log, " message ", "the free message arriving")
+            assert payer.close(ch, timeout=WAIT)["mutual"] is True
+        # The node hears of the settlement from the ledger, maybe after the payer did.
+        wait_for_text(log, "channel_closed", "the node seeing the close settled")
+        assert stop_all([node]) == [0]
+    finally:
+        codes = stop_all(procs)
+    assert codes[-1] == 0  # the ledger
+    lines = log.read_text().splitlines()
+
+    def lines_about(event: str) -> list[str]:
+        # A whole word: "channel_closed" is not "channel_closed_with_fraud_proof".
+        return [line for line in lines if re.search(rf"\b{event}\b", line)]
+
+    # Exactly one each: a line written both by the node and by the daemon is a duplicate.
+    for event in ("channel_created_by_peer", "channel_open", "deposit_confirmed",
+                  "payment_received", "message", "channel_closed"):
+        found = lines_about(event)
+        assert len(found) == 1, (event, found)
+        assert f"{ch}: {event} " in found[0], found[0]
+    # At least one: a close proposal the payer sent again while the ledger settled is news
+    # to nobody, yet the node may announce it again.
+    assert lines_about("channel_closing"), lines
+    paid = lines_about("payment_received")[0]
+    assert "'amount': 7" in paid and "'payment_id': 'first-payment'" in paid, paid
+    assert "hello" not in paid  # the message is the handler's, not the log's
+    assert "y" * 100 not in log.read_text()
+    # The timestamp, level and logger name come on top of the message.
+    assert max(len(line) for line in lines) < LOG_MESSAGE_CHARS + 100, max(lines, key=len)
+    assert any(line.endswith("INFO paychan.daemon: stopping") for line in lines), lines[-3:]
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("when", ["running", "awaiting its ledger"])
+def test_node_run_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals,
+                                            when: str) -> None:
+    # SIGINT is what Ctrl-C sends, as the README tells users to stop the node with; SIGTERM
+    # is a service manager's. Both come, too, while a node still awaits its ledger.
+    ledger_port = free_port()
+    log = tmp_path / "node.log"
+    procs = []
+    try:
+        if when == "running":
+            procs.append(start_ledger(tmp_path / "ledger", ledger_port))
+        # Awaiting the ledger longer than the test waits: the signal must cut the wait short.
+        node = start_node(tmp_path / "node", f"http://127.0.0.1:{ledger_port}",
+                          f"http://127.0.0.1:{free_port()}", log, "--wait-ledger", str(4 * WAIT))
+        procs.insert(0, node)
+        if when == "running":
+            assert node.stdout is not None
+            wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        else:
+            wait_for_text(log, "ledger not answering", "the node retrying")
+        started = time.monotonic()
+        node.send_signal(sig)
+        code = node.wait(timeout=WAIT)
+        took = time.monotonic() - started
+    finally:
+        stop_all(procs)
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    assert took < 10.0, took
+    assert "Traceback" not in text, text[-2000:]
+    assert re.search(r"INFO paychan\.daemon: stopping$", text, re.M), text[-2000:]
+
+
+def test_a_long_log_message_is_cut_but_not_its_traceback() -> None:
+    # What a peer sends (an error's text, up to 64 KiB) reaches some of the node's log lines.
+    formatter = BoundedFormatter("%(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("paychan.node", logging.WARNING, __file__, 1, "peer said %s",
+                                   ("x" * 70_000,), sys.exc_info())
+    first, *rest = formatter.format(record).splitlines()
+    assert len(first) < LOG_MESSAGE_CHARS + 100, len(first)
+    assert first.endswith(f"... ({len('peer said ') + 70_000} chars)"), first[-40:]
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
