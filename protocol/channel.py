@@ -746,11 +746,14 @@ def _receive_close_proposal(s: ChannelState, r: ReceiveCloseProposal, now: int,
     sig_i, sig_r = (my_sig, m.sig) if s.is_initiator else (m.sig, my_sig)
     s2 = replace(s, phase=Phase.CLOSING,
                  mutual=MutualClose(m.sent_initiator, m.sent_responder, my_sig))
-    return s2, [
+    effects: Effects = [
         SubmitCloseMutual(s.period, m.sent_initiator, m.sent_responder, sig_i, sig_r),
         Send(CloseCoSigned(s.channel_id, s.period, m.sent_initiator, m.sent_responder, my_sig)),
-        NotifyEvent("channel_closing", {"mutual": True}),
     ]
+    if s.mutual is None:
+        # A proposal asked again (or ours, crossing it) was announced already: once per close.
+        effects.append(NotifyEvent("channel_closing", {"mutual": True}))
+    return s2, effects
 
 
 def _receive_close_cosigned(s: ChannelState, r: ReceiveCloseCoSigned, now: int,

@@ -44,6 +44,7 @@ from paychan.protocol.errors import (
     from_wire,
 )
 from paychan.protocol.wire import (
+    CloseCoSigned,
     CloseProposal,
     OpenAccept,
     OpenPropose,
@@ -510,6 +511,25 @@ def test_mutual_close_pays_the_balances() -> None:
         assert events(party, "channel_closed")[-1] == {"period": 1, "payout_me": 75,
                                                        "payout_peer": 75}
     assert len(pair.b.of_type(SubmitCloseMutual)) == 1
+
+
+def test_a_close_proposal_received_again_is_announced_once() -> None:
+    pair = ChannelPair(deposit_a=100, deposit_b=50).open()
+    pay(pair, pair.a, "a1", 30)
+    pair.b.follow_ledger = False  # B co-signs, its close has not landed for it yet
+    pair.act(pair.a, ActionCloseMutual())
+    pair.act(pair.a, ActionCloseMutual())  # asked again: the same proposal again
+    assert len(pair.b.inbox) == 2 and pair.b.inbox[0] == pair.b.inbox[1]
+    first, again = pair.deliver(pair.b), pair.deliver(pair.b)
+    # Both answers co-sign (the first may have been lost), only the first announces the close.
+    for effects in (first, again):
+        assert [type(e.msg) for e in effects if isinstance(e, Send)] == [CloseCoSigned]
+    assert events(pair.b, "channel_closing") == [{"mutual": True}]
+    pair.release_ledger(pair.b)
+    pair.flush()
+    assert pair.paid == {pair.a.public: 70, pair.b.public: 80}
+    assert events(pair.b, "channel_closing") == [{"mutual": True}]
+    assert_conserved(pair)
 
 
 def test_the_channel_is_reused_in_the_next_period() -> None:
