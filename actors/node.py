@@ -361,7 +361,7 @@ class NodeCore:
         level = logging.DEBUG if frequent else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "%s: %s %s", encode_channel_id(cid), name,
-                    {k: v for k, v in info.items() if k != "body"})
+                    {k: _loggable(v) for k, v in info.items() if k != "body"})
         if frequent and not self.callbacks.get(name):
             return
         self._events.put({"event": name, "channel_id": encode_channel_id(cid), **info})
@@ -592,3 +592,17 @@ class NodeCore:
                 fut.set_exception(Rejected("node closed"))
         self.store.close()
         log.info("node %s closed", self.address)
+
+
+LOGGED_VALUE_CHARS = 200
+
+
+def _loggable(value: Any) -> Any:
+    """A value as an event's log line shows it: a peer chooses some of them (an error's text
+    may be 64 KiB), so a long one is cut; the event itself keeps it whole."""
+    text = value if isinstance(value, str) else None
+    if text is None and isinstance(value, (bytes, dict, list, tuple)):
+        text = repr(value)
+    if text is None or len(text) <= LOGGED_VALUE_CHARS:
+        return value
+    return f"{text[:LOGGED_VALUE_CHARS]}... ({len(text)} chars)"
