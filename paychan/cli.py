@@ -19,6 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     add_ledger_parser(sub)
     add_hub_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        # Ctrl-C in a command that runs to its end (`node pay`, `demo`): what it opened was
+        # closed on the way out (its stores are durable at every commit); say so in one line.
+        verb = getattr(args, "verb", None)
+        print(f"paychan {args.command}{' ' + verb if verb else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from paychan import node_cli
     if args.command == "hub":
         return hub_serve(args)
     if args.command == "ledger":

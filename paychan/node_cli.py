@@ -139,9 +139,22 @@ def _log_event(event: dict[str, Any]) -> None:
     log.info("%s: %s %s", event["channel_id"], event["event"], info)
 
 
+def _ctrl_c_sets(stopping: threading.Event) -> None:
+    """The first Ctrl-C asks to stop at the next step; a second one interrupts at once. (A
+    KeyboardInterrupt in the middle of a call would stop the channel it was working for, which
+    then restarts from its store: safe, but noisy in the log.)"""
+    def first(*_: Any) -> None:
+        stopping.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, first)
+
+
 def pay(args: argparse.Namespace) -> int:
-    node = _open(args, threading.Event())  # never set: only `run` turns signals into a stop
-    assert node is not None  # None means "stopped while awaiting the ledger"
+    stopping = threading.Event()
+    _ctrl_c_sets(stopping)
+    node = _open(args, stopping)
+    if node is None:
+        return _interrupted()
     with node:
         if args.mint:
             Ledger.connect(args.ledger).mint(node.address, args.mint)
@@ -153,10 +166,19 @@ def pay(args: argparse.Namespace) -> int:
             ch = node.create_channel(args.peer, args.deposit)
             print(f"opened {ch}", flush=True)
         for _ in range(args.count):
+            if stopping.is_set():
+                break
             reply = node.send_message_and_pay(ch, args.message, args.amount)
             print(json.dumps(reply, default=str), flush=True)
+        if stopping.is_set():
+            return _interrupted()
         print(json.dumps(node.balances(ch)), flush=True)
         if args.close:
             node.close(ch)
             print("closed", flush=True)
     return 0
+
+
+def _interrupted() -> int:
+    print("paychan node pay: interrupted", file=sys.stderr)
+    return 130

@@ -1,8 +1,9 @@
 """`paychan node`: the daemon waits for a ledger started after it, writes a line per channel
 event, and stops cleanly on SIGTERM and SIGINT (Ctrl-C); a command that cannot reach a ledger
-fails with a single clear line, not a traceback."""
+fails with a single clear line, not a traceback, and so does `node pay` on Ctrl-C."""
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import re
@@ -228,3 +229,55 @@ def test_a_long_log_message_is_cut_but_not_its_traceback() -> None:
     assert len(first) < LOG_MESSAGE_CHARS + 100, len(first)
     assert first.endswith(f"... ({len('peer said ') + 70_000} chars)"), first[-40:]
     assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
+
+
+def test_ctrl_c_ends_node_pay_in_one_line_and_its_store_pays_on(tmp_path: Path) -> None:
+    ledger_port, node_port = free_port(), free_port()
+    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
+    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    try:
+        assert procs[0].stdout is not None
+        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
+        node = start_node(tmp_path / "node", ledger_url, node_url, tmp_path / "node.log")
+        procs.insert(0, node)
+        assert node.stdout is not None
+        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        pay = [str(BIN / "paychan"), "node", "pay", "--data", str(tmp_path / "alice"),
+               "--ledger", ledger_url, "--peer", node_url, "--amount", "1"]
+        alice = subprocess.Popen([*pay, "--mint", "100000", "--deposit", "50000",
+                                  "--count", "40000"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        procs.insert(0, alice)
+        assert alice.stdout is not None and alice.stderr is not None
+        out = lines_of(alice.stdout)
+        wait_for_line(out, "opened ch_", "alice to open a channel")
+        for _ in range(20):  # paying by now
+            wait_for_line(out, '"echo"', "alice's payments")
+        alice.send_signal(signal.SIGINT)
+        assert alice.wait(timeout=WAIT) == 130
+        err = alice.stderr.read()
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            "paychan node pay: interrupted"), err
+        answered = 20 + sum(1 for _ in iter(lambda: _next(out), None))
+        # Ctrl-C let the payment under way finish, then stopped: every payment made was
+        # printed. The same store pays on, on the same channel, counting all of them.
+        again = subprocess.run([*pay, "--count", "2"], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=WAIT)
+        assert again.returncode == 0, again.stderr
+        sent = json.loads(again.stdout.splitlines()[-1])["sent_by_me"]
+        assert sent == answered + 2, (answered, sent)
+    finally:
+        codes = stop_all(procs)
+    assert codes[1:] == [0, 0]
+
+
+def _next(lines: queue.Queue[str]) -> str | None:
+    """The next line already read that is a payment's answer, or None when none is left."""
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            return None
+        if '"echo"' in line:
+            return line
