@@ -1,10 +1,17 @@
 """`paychan ledger serve`: an embedded ledger in its own process, over HTTP and a WebSocket.
 
 Bodies are msgpack (`application/msgpack`) both ways because records hold bytes. Errors are the
-`PaychanError.to_wire()` object: 400 for the caller's fault, 404 for an unknown channel or
-route, 413 for an oversized body, 500 for the server's own failure. The event stream
-(`GET /events/ws?from=H`) sends every event above H as one binary frame, oldest first, then
-follows live; `{"tick": now}` frames tell followers that the clock moved.
+`PaychanError.to_wire()` object: 400 for the caller's fault (a bad body, parameter or
+transaction), 404 for an unknown channel or route, 405 for a method a route lacks, 413 for a
+body over 256 KiB, 500 for the server's own failure. Before any route runs, aiohttp itself
+answers in plain text: 400 for bytes that do not parse as HTTP (and closes the connection),
+417 for an `Expect` other than `100-continue`.
+
+The event stream (`GET /events/ws?from=H`) sends every event above H as one binary frame,
+oldest first, then follows live; `{"tick": now}` frames tell followers that the clock moved.
+Followers send nothing: text and binary frames are ignored, a message of 4 KiB or more closes
+the stream with 1009 (message too big), a malformed frame with 1002 (protocol error) and text
+that is not UTF-8 with 1007.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ T = TypeVar("T")
 
 CONTENT_TYPE = "application/msgpack"
 MAX_BODY = 256 * 1024  # a request body; a transaction is far smaller
+MAX_INCOMING = 4096  # one WebSocket message from a follower, which has nothing to say
 MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
 MAX_PAGE = 1000  # events per GET /events page
 BACKLOG_PAGE = 500  # events per store read while a follower catches up
@@ -183,8 +191,11 @@ class LedgerServer:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_reply(MethodNotFound(f"{request.method} {request.path}: {exc.reason}"),
-                               exc.status)
+            where = f"{request.method} {request.path}"
+            if exc.status in (404, 405):
+                return error_reply(MethodNotFound(f"{where}: {exc.reason}"), exc.status)
+            # aiohttp's other refusals (a plain GET of /events/ws) are a malformed request.
+            return error_reply(BrokenEncoding(f"{where}: {exc.text or exc.reason}"), exc.status)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
@@ -196,7 +207,16 @@ class LedgerServer:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY,
                                                 actual_size=request.content_length)
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.RequestPayloadError:
+            # The body broke its own chunked framing or Content-Encoding: the caller's fault.
+            raise BrokenEncoding("the request body does not decode (broken chunked framing "
+                                 "or Content-Encoding)") from None
+        except ConnectionResetError:
+            # The caller left before sending the length it announced. Nobody reads the answer;
+            # a 400 keeps it out of the log of the server's own failures.
+            raise BrokenEncoding("the request body was cut short") from None
         if not body:
             raise BrokenEncoding("empty request body")
         return body
@@ -273,7 +293,7 @@ class LedgerServer:
         if last > height:
             # Only a wiped or different ledger is behind what a follower has already seen.
             raise Conflict(f"the ledger is at height {height}, below {last}")
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=4096)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_INCOMING)
         await ws.prepare(request)
         log.info("follower %s from height %d", request.remote, last)
         follower = _Follower()

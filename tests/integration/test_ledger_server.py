@@ -1,13 +1,18 @@
 """`paychan ledger serve` in its own process: nodes over HTTP, restarts, and hostile input."""
 import asyncio
+import base64
+import contextlib
 import http.client
 import os
+import random
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -75,6 +80,129 @@ class LedgerProcess:
             self.proc.wait(10)
 
 
+class Relay:
+    """A TCP relay on loopback between one node and the ledger server. `cut()` drops its
+    connections and closes each new one on arrival until `restore()`: that node alone loses
+    the ledger, which stays up for everyone else."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.up = True
+        self.conns: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            # Under the lock, so a cut never misses a connection being set up.
+            with self.lock:
+                try:
+                    if not self.up:
+                        raise ConnectionRefusedError
+                    upstream = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    client.close()
+                    continue
+                upstream.settimeout(None)
+                self.conns |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.up = False
+            conns, self.conns = self.conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        with self.lock:
+            self.up = True
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+class RawWebSocket:
+    """A WebSocket follower written by hand, to send the frames no client library would."""
+
+    def __init__(self, port: int, start: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((
+            f"GET /events/ws?from={start} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise AssertionError("the server closed the connection without a close frame")
+        self.buf += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def send(self, opcode: int, payload: bytes = b"", fin: bool = True,
+             length: int | None = None) -> None:
+        """One frame; `length` may announce more than `payload` holds. Its mask is zero, which
+        leaves the payload as it is."""
+        n = len(payload) if length is None else length
+        if n < 126:
+            size = bytes([0x80 | n])
+        elif n < 1 << 16:
+            size = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            size = bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        self.sock.sendall(bytes([(0x80 if fin else 0) | opcode]) + size + bytes(4) + payload)
+
+    def receive(self) -> tuple[int, bytes]:
+        """The server's next frame: (opcode, payload)."""
+        first, second = self._take(2)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._take(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._take(8), "big")
+        return first & 0x0F, self._take(n)
+
+    def close_code(self) -> int:
+        """The code of the server's next frame, which must be its close."""
+        opcode, payload = self.receive()
+        assert opcode == 0x8, (opcode, payload[:100])
+        return int.from_bytes(payload[:2], "big")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.fixture
 def server(tmp_path):
     proc = LedgerProcess(tmp_path / "ledger").start()
@@ -125,6 +253,48 @@ def raw(url, method, path, body=None, headers=None):
         conn.close()
 
 
+def exchange(port: int, data: bytes, half_close: bool = False) -> bytes:
+    """Bytes sent by hand; what the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def snapshot(ledger: RemoteLedger, key: Identity) -> tuple[Any, ...]:
+    """What no follower's frame may change: height and clock, an account, every event."""
+    return ledger.info(), ledger.balance(key.public), ledger.events_since(0)
+
+
+def pay_both_ways(a: paychan.Node, b: paychan.Node, ch: str, lanes: int, rounds: int) -> bool:
+    """`a` pays 7 and `b` pays 2, `lanes * rounds` times each, both directions at once, every
+    answer checked. Returns whether payments of both directions were ever in flight together."""
+    inflight = {a: 0, b: 0}
+    overlapped = False
+
+    async def lane(payer: paychan.Node, payee: paychan.Node, amount: int, tag: str) -> None:
+        nonlocal overlapped
+        for i in range(rounds):
+            inflight[payer] += 1
+            overlapped = overlapped or inflight[payee] > 0
+            try:
+                answer = await payer.asend_message_and_pay(ch, f"{tag}{i}", amount)
+            finally:
+                inflight[payer] -= 1
+            assert answer == {"echo": f"{tag}{i}"}
+
+    async def both() -> None:
+        await asyncio.gather(*(lane(a, b, 7, f"a{n}-") for n in range(lanes)),
+                             *(lane(b, a, 2, f"b{n}-") for n in range(lanes)))
+
+    asyncio.run(both())
+    return overlapped
+
+
 def test_two_nodes_pay_close_mutually_and_solo(tmp_path, server, connect):
     admin = connect()
     a = open_node(tmp_path / "a", connect())
@@ -134,12 +304,15 @@ def test_two_nodes_pay_close_mutually_and_solo(tmp_path, server, connect):
         admin.mint(b.address, 5_000)
         ch = a.create_channel(b, 1_000, dispute_period=100)
         b.deposit(ch, 200)
-        for i in range(20):
-            assert a.send_message_and_pay(ch, i, 7) == {"echo": i}
-        assert b.send_message_and_pay(ch, "back", 40) == {"echo": "back"}
+        # Vouchers cross on the wire: each side pays while the other's payments are in flight.
+        assert pay_both_ways(a, b, ch, lanes=2, rounds=10)
+        assert (a.balances(ch)["sent_by_me"], a.balances(ch)["sent_by_peer"]) == (140, 40)
+        assert (b.balances(ch)["sent_by_me"], b.balances(ch)["sent_by_peer"]) == (40, 140)
+        assert a.balances(ch)["my_balance"] + b.balances(ch)["my_balance"] == 1_000 + 200
         assert a.close(ch)["mutual"] is True
         assert admin.balance(a.address) == 5_000 - 140 + 40
         assert admin.balance(b.address) == 5_000 + 140 - 40
+        assert admin.balance(a.address) + admin.balance(b.address) == 10_000
 
         ch2 = b.create_channel(a, 500, dispute_period=100)
         assert b.send_message_and_pay(ch2, "x", 50) == {"echo": "x"}
@@ -205,6 +378,53 @@ def test_nodes_resume_the_stream_after_the_ledger_is_killed(tmp_path, server, co
         b.stop()
 
 
+def test_a_cut_off_node_resumes_its_stream_from_its_last_height(tmp_path, server, connect):
+    admin = connect()
+    relay = Relay(server.port)
+    # Opened with a URL, through the relay: only this node loses the ledger.
+    a = open_node(tmp_path / "a", relay.url)
+    b = open_node(tmp_path / "b", server.url)
+    heard: list[dict[str, Any]] = []
+    for name in ("deposit_confirmed", "channel_closing", "channel_closed"):
+        a.on(name, heard.append)
+    stream = a._core.ledger
+    try:
+        admin.mint(a.address, 1_000)
+        admin.mint(b.address, 1_000)
+        ch = a.create_channel(b, 500, dispute_period=100)
+        assert a.send_message_and_pay(ch, "before", 10) == {"echo": "before"}
+        connects, before = stream.stream_connects, len(heard)
+
+        relay.cut()
+        # The ledger is up and the peer reaches it: a deposit and a solo close land meanwhile.
+        b.deposit(ch, 200)
+        b.close(ch, mutual=False, wait=False)
+        record = lambda: admin.client.channel(decode_channel_id(ch))  # noqa: E731
+        wait_until(lambda: record().close is not None, what="the solo close to land")
+        time.sleep(0.5)  # time for anything that got past the cut to arrive
+        assert a.balances(ch)["deposited_by_peer"] == 0  # nothing reached the cut-off node
+        assert (a.balances(ch)["status"], a.balances(ch)["period"]) == ("open", 1)
+        assert stream.stream_connects == connects
+
+        relay.restore()
+        wait_until(lambda: stream.stream_connects > connects, what="the stream to reconnect")
+        # Only a stream resumed from the last height it delivered brings both events: the
+        # clock is not advanced, so the channel settles only if this node confirms the close.
+        wait_until(settled(a, ch, 1), what="the cut-off node to confirm the close it missed")
+        missed = lambda: heard[before:]  # noqa: E731
+        wait_until(lambda: len(missed()) == 3, what="the node events of what it missed")
+        assert [e["event"] for e in missed()] == [
+            "deposit_confirmed", "channel_closing", "channel_closed"], missed()
+        assert missed()[0]["deposit_peer"] == 200 and missed()[1]["by_peer"] is True
+        assert admin.balance(a.address) == 1_000 - 10
+        assert admin.balance(b.address) == 1_000 + 10
+    finally:
+        for node in (a, b):
+            node.stop()
+            node._core.ledger.close()  # the client Node.open made from the URL
+        relay.close()
+
+
 def test_events_are_delivered_exactly_once_across_a_restart(server, connect):
     admin = connect().client
     follower = connect().client
@@ -256,6 +476,80 @@ def test_stream_replays_from_a_height_then_follows_live(server, connect):
     assert frames[4] == {"tick": ledger.now() - 3}  # caught up: here is the time
     assert frames[5]["height"] == events[-1]["height"] + 1  # then live
     assert frames[6] == {"tick": ledger.now()}
+
+
+def test_stream_ignores_what_a_follower_sends(server, connect):
+    ledger = connect().client
+    key, peer = Identity(os.urandom(32)), Identity(os.urandom(32))
+    ledger.mint(key.public, 1_000)
+    first = ledger.submit(create_tx(key, peer.public, ledger))
+    unsent = create_tx(key, peer.public, ledger)  # valid, signed, and never to be applied
+    before, now = snapshot(ledger, key), ledger.now()
+
+    async def follow() -> tuple[Any, ...]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.url}/events/ws", params={"from": str(first["height"] - 1)},
+                autoping=False) as ws:
+            assert msgpack.unpackb(await ws.receive_bytes(timeout=10)) == first
+            assert msgpack.unpackb(await ws.receive_bytes(timeout=10)) == {"tick": now}
+            for text in ("hello", "\x00" * 100, '{"from": 0}', "é" * 1000):
+                await ws.send_str(text)
+            for data in (b"", b"\xc1", msgpack.packb({"from": 0}), unsent, os.urandom(4000)):
+                await ws.send_bytes(data)
+            # Frames are read in order: the pong says the server has read all of the above.
+            await ws.ping(b"after the junk")
+            pong = await ws.receive(timeout=10)
+            assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"after the junk")
+            after = await asyncio.to_thread(snapshot, ledger, key)
+            event = await asyncio.to_thread(ledger.submit, create_tx(key, peer.public, ledger))
+            live = msgpack.unpackb(await ws.receive_bytes(timeout=10))
+            return after, event, live
+
+    after, event, live = asyncio.run(follow())
+    assert after == before
+    assert live == event and event["height"] == first["height"] + 1
+    assert "duplicate" not in ledger.submit(unsent)  # the frame carrying it applied nothing
+
+
+def test_stream_closes_on_an_oversized_or_malformed_frame(server, connect):
+    ledger = connect().client
+    key, peer = Identity(os.urandom(32)), Identity(os.urandom(32))
+    ledger.mint(key.public, 1_000)
+    for _ in range(3):
+        ledger.submit(create_tx(key, peer.public, ledger))
+    before = snapshot(ledger, key)
+    height = ledger.height()
+    # (opcode, payload, fin, announced length) frames, and the close code they must earn.
+    cases: dict[str, tuple[int, list[tuple[int, bytes, bool, int | None]]]] = {
+        "a 64 KiB message": (1009, [(0x2, b"x" * 65536, True, None)]),
+        # Refused on its header: the server does not wait for, or buffer, a terabyte.
+        "a frame announcing 2**40 bytes": (1009, [(0x2, b"", True, 1 << 40)]),
+        "fragments adding up past 4 KiB": (1009, [(0x2, b"x" * 1500, False, None),
+                                                  (0x0, b"x" * 1500, False, None),
+                                                  (0x0, b"x" * 1500, True, None)]),
+        "a reserved opcode": (1002, [(0x3, b"??", True, None)]),
+        "reserved bits": (1002, [(0x70 | 0x2, b"??", True, None)]),
+        "a control frame over 125 bytes": (1002, [(0x9, b"p" * 126, True, None)]),
+        "text that is not UTF-8": (1007, [(0x1, b"\xff\xfe", True, None)]),
+    }
+    for name, (code, frames) in cases.items():
+        ws = RawWebSocket(server.port, height)
+        try:
+            opcode, payload = ws.receive()
+            assert (opcode, msgpack.unpackb(payload)) == (0x2, {"tick": ledger.now()}), name
+            for opcode, payload, fin, length in frames:
+                ws.send(opcode, payload, fin, length)
+            assert ws.close_code() == code, name
+        finally:
+            ws.close()
+
+    assert snapshot(ledger, key) == before
+    ws = RawWebSocket(server.port, 0)  # the server lives and streams as before
+    try:
+        replay = [msgpack.unpackb(ws.receive()[1]) for _ in range(height + 1)]
+    finally:
+        ws.close()
+    assert replay == before[2] + [{"tick": ledger.now()}]
 
 
 def test_bad_input_gets_defined_errors_and_changes_nothing(server, connect):
@@ -314,15 +608,26 @@ def test_bad_input_gets_defined_errors_and_changes_nothing(server, connect):
     refused(400, 1008, "GET", "/events?from=minus")
     refused(400, -32602, "GET", "/events?limit=100000")
     refused(400, 107, "GET", f"/events/ws?from={info['height'] + 5}")
+    refused(400, 1005, "GET", "/events/ws")  # not an upgrade
     refused(404, -32601, "GET", "/nothing/here")
     refused(405, -32601, "GET", "/tx")
+    refused(405, -32601, "POST", "/events/ws")
+    refused(400, 1005, "POST", "/tx", b"0123456789", {"Content-Encoding": "gzip"})
 
-    # Not HTTP at all, and a body cut short: the connection is dropped, the server lives.
-    for junk in (os.urandom(2000), b"POST /tx HTTP/1.1\r\nContent-Length: 500\r\n\r\nshort"):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
-            s.sendall(junk)
-            s.shutdown(socket.SHUT_WR)
-            s.recv(4096)
+    # Not HTTP at all: no route runs, so aiohttp's parser answers, in plain text, and closes.
+    answer = exchange(server.port, random.Random(7).randbytes(2000))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", answer[:200]
+    assert b"content-type: text/plain" in head.lower() and body, answer[:200]
+
+    # A body cut short, then the client leaves: a whole transaction but one announced byte,
+    # or its start. The server gets EOF, drops the connection without an answer (nobody is
+    # there to read one) and applies nothing.
+    unsent = create_tx(key, peer.public, ledger)
+    for length, sent in ((len(unsent) + 1, unsent), (len(unsent), unsent[:40])):
+        request = (f"POST /tx HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                   f"Content-Type: application/msgpack\r\nContent-Length: {length}\r\n\r\n")
+        assert exchange(server.port, request.encode() + sent, half_close=True) == b""
 
     assert ledger.info() == info
     assert ledger.balance(key.public) == 90
@@ -332,6 +637,10 @@ def test_bad_input_gets_defined_errors_and_changes_nothing(server, connect):
         ledger.submit(b"junk")
     assert ledger.channel(b"\1" * 32) is None
     assert server.proc.poll() is None
+    # The caller's faults, not the server's: none is logged as a failure.
+    assert "POST /tx failed" not in server.log()
+    assert "Error handling request" not in server.log()
+    assert "duplicate" not in ledger.submit(unsent)  # neither cut-short body applied it
 
 
 def test_wall_clock_server_refuses_advance_and_stops_on_signals(tmp_path):
