@@ -19,13 +19,20 @@ from aiohttp import web
 
 from paychan.actors.loopcall import LoopCalls
 from paychan.actors.transport import Deliver, OwnLoop
-from paychan.protocol.errors import BrokenEncoding, PaychanError, Rejected, Unauthorized
+from paychan.protocol.errors import BrokenEncoding, PaychanError, Rejected, Timeout, Unauthorized
 from paychan.protocol.wire import MAX_FRAME
 
 log = logging.getLogger("paychan.http")
 
 MAX_BODY = MAX_FRAME + 2048  # an envelope: the frame plus the Box's overhead
-MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
+MAX_INFLIGHT = 64  # requests served at once; more wait for a slot
+# Requests waiting for one; more are refused (503): aiohttp buffers up to a whole body for each
+# request it hands us, so this bounds that memory too (128 bodies of MAX_BODY, about 18 MB).
+MAX_WAITING = 64
+BODY_TIMEOUT = 30.0  # seconds a request holding one of those slots may take to send its body
+# Inbound sockets open at once. A peer keeps one, so only a flood gets near it; with the
+# client's 256 outbound connections the node stays under the usual limit of 1,024 open files.
+MAX_SOCKETS = 512
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
 REDIAL_FOR = 300.0  # seconds a peer whose socket broke is redialed with nothing to send
@@ -50,9 +57,11 @@ class HttpTransport(OwnLoop):
     name = "http"
 
     def __init__(self, listen: str | None, info: dict[str, Any], cert_file: str | None = None,
-                 key_file: str | None = None, ca_file: str | None = None) -> None:
+                 key_file: str | None = None, ca_file: str | None = None,
+                 max_sockets: int = MAX_SOCKETS) -> None:
         self.listen = listen.rstrip("/") if listen else None
         self.info = info
+        self.max_sockets = max_sockets
         self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
         self.on_reconnect: Callable[[bytes], None] | None = None
         self._deliver: Deliver | None = None
@@ -69,8 +78,11 @@ class HttpTransport(OwnLoop):
         self._inbound: dict[bytes, Socket] = {}
         self._gone: set[bytes] = set()
         self._sockets: set[Socket] = set()  # every open socket, the peer known or not yet
+        self._accepted: set[web.WebSocketResponse] = set()  # the inbound ones, up to max_sockets
+        self._turned_away = 0  # upgrades refused since the last one accepted
         self._closing = False
         self._limit: asyncio.Semaphore | None = None
+        self._posts = 0  # requests served or waiting for a slot
         self.refused = 0
         self.bound_port: int | None = None
 
@@ -137,30 +149,66 @@ class HttpTransport(OwnLoop):
     async def _on_info(self, request: web.Request) -> web.Response:
         return web.json_response(self.info)
 
-    async def _on_ws(self, request: web.Request) -> web.WebSocketResponse:
+    async def _on_ws(self, request: web.Request) -> web.StreamResponse:
+        if len(self._accepted) >= self.max_sockets:
+            # Each open socket holds buffers and a file descriptor: a flood of upgrades would
+            # grow memory and could leave no descriptor for the ledger or the store.
+            self.refused += 1
+            self._turned_away += 1
+            if self._turned_away == 1:  # once per burst; its size is logged when it ends
+                log.warning("%d inbound sockets open: refusing more until some close",
+                            len(self._accepted))
+            return _error(503, Rejected(f"over {self.max_sockets} sockets open; retry later"))
+        if self._turned_away:
+            log.info("accepting sockets again; %d were refused meanwhile", self._turned_away)
+            self._turned_away = 0
         ws = web.WebSocketResponse(max_msg_size=MAX_BODY + 1, heartbeat=30)
-        await ws.prepare(request)
-        if self._closing:  # a peer redialing us as we stop: the runner would wait for it
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
-            return ws
-        self._sockets.add(ws)
-        await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+        self._accepted.add(ws)  # before the first await, so a burst cannot overshoot the cap
+        try:
+            await ws.prepare(request)
+            if self._closing:  # a peer redialing us as we stop: the runner would wait for it
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
+                return ws
+            self._sockets.add(ws)
+            await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+        finally:
+            self._accepted.discard(ws)
         return ws
 
     async def _on_post(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            self.refused += 1  # refused from its headers: it needs no slot
+            return _error(413, BrokenEncoding(f"body over {MAX_BODY} bytes"))
+        if self._posts >= MAX_INFLIGHT + MAX_WAITING:
+            self.refused += 1
+            return _error(503, Rejected("too many requests at once; retry later"))
+        self._posts += 1
+        try:
+            return await self._serve_post(request)
+        finally:
+            self._posts -= 1
+
+    async def _serve_post(self, request: web.Request) -> web.Response:
         assert self._limit is not None
         async with self._limit:
-            if request.content_length is not None and request.content_length > MAX_BODY:
+            try:
+                # The whole body: a read returns what has arrived so far, a body sent in
+                # pieces would be cut. A body that stalls gives its slot up, else a few
+                # slow senders would hold every slot.
+                async with asyncio.timeout(BODY_TIMEOUT):
+                    body = await request.read()  # over client_max_size (MAX_BODY): raises
+            except web.HTTPRequestEntityTooLarge:
                 self.refused += 1
                 return _error(413, BrokenEncoding(f"body over {MAX_BODY} bytes"))
-            try:
-                body = await request.content.read(MAX_BODY + 1)
-            except Exception:
+            except TimeoutError:
+                self.refused += 1
+                return _error(408, Timeout(f"body not received within {BODY_TIMEOUT:g} s"))
+            except Exception:  # the sender went away mid-body
                 self.refused += 1
                 return _error(400, BrokenEncoding("truncated body"))
-            if not body or len(body) > MAX_BODY:
+            if not body:
                 self.refused += 1
-                return _error(413 if body else 400, BrokenEncoding("empty or oversized body"))
+                return _error(400, BrokenEncoding("empty body"))
             assert self._deliver is not None
             refused = self._deliver(body, _route(request.headers.get(REPLY_TO)))
             if refused is not None:

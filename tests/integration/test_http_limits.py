@@ -1,0 +1,278 @@
+"""HttpTransport under a flood: requests served at once, bodies that stall, arrive in pieces or
+stop short, and inbound sockets beyond the limit."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from paychan.actors import http_transport
+from paychan.actors.http_transport import MAX_INFLIGHT, MAX_WAITING, HttpTransport
+
+WAIT = 10.0  # seconds any awaited outcome may take before the test fails
+SOCKETS = 4  # the receiver's inbound socket limit: a flood of a few sockets reaches it
+
+
+class Receiver:
+    """An HttpTransport listening on 127.0.0.1 that takes every envelope and keeps it."""
+
+    def __init__(self, max_sockets: int) -> None:
+        self.envelopes: list[bytes] = []
+        self.transport = HttpTransport("http://127.0.0.1:0", {}, max_sockets=max_sockets)
+        self.transport.start(self._deliver)
+        self.port = self.transport.bound_port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _deliver(self, envelope: bytes, route: dict[str, Any] | None) -> None:
+        self.envelopes.append(envelope)  # on the transport's loop thread
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(max_sockets=SOCKETS)
+    yield r
+    r.transport.close()
+
+
+class RawPost:
+    """A POST /envelope written by hand on a connection of its own, so the test decides when
+    each byte of it goes out, and whether all of them do."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, length: int, expect_continue: bool = False) -> RawPost:
+        """Connect and send the headers announcing a body of `length` bytes."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        expect = b"Expect: 100-continue\r\n" if expect_continue else b""
+        writer.write(b"POST /envelope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n%s\r\n"
+                     % (length, expect))
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def status(self) -> int:
+        """The status of the next response, interim ones (100 Continue) included."""
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                await self.reader.readexactly(int(value))
+        return status
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):  # the server may have reset it first
+            await self.writer.wait_closed()
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll until `predicate` holds; fail with `what` after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# -- requests served at once -----------------------------------------------------------------
+def test_posts_are_served_at_most_max_inflight_at_once(receiver: Receiver) -> None:
+    body = os.urandom(1000)
+
+    async def main() -> None:
+        held: list[RawPost] = []
+        try:
+            for _ in range(MAX_INFLIGHT):
+                post = await RawPost.open(receiver.port, len(body), expect_continue=True)
+                # The server writes "100 Continue" and then, with no await between, the
+                # handler asks for a slot: once it arrived this request has one, or waits in
+                # line ahead of any request sent later.
+                assert await asyncio.wait_for(post.status(), WAIT) == 100
+                await post.send(body[:10])  # and holds the slot, waiting for the rest
+                held.append(post)
+            late = await RawPost.open(receiver.port, len(body))
+            held.append(late)
+            await late.send(body)
+            answer = asyncio.create_task(late.status())
+            # Something that must not happen: were the late request let in, its answer would
+            # come within milliseconds.
+            done, _ = await asyncio.wait({answer}, timeout=1.0)
+            assert not done, "a request was served while every slot was held"
+            await held[0].send(body[10:])
+            assert await asyncio.wait_for(held[0].status(), WAIT) == 202
+            # Its slot went to the late request (a limit under MAX_INFLIGHT would have given
+            # it to a held request queued behind the first).
+            assert await asyncio.wait_for(answer, WAIT) == 202
+        finally:
+            for post in held:
+                await post.close()
+
+    asyncio.run(main())
+    assert receiver.envelopes == [body, body]
+    # The other held requests were reading their bodies: cut short, each is refused.
+    wait_until(lambda: receiver.transport.refused == MAX_INFLIGHT - 1, "the cut bodies refused")
+
+
+def test_posts_beyond_those_waiting_are_refused_at_once(receiver: Receiver) -> None:
+    body = os.urandom(1000)
+
+    async def main() -> None:
+        posts: list[RawPost] = []
+        try:
+            for i in range(MAX_INFLIGHT + MAX_WAITING):
+                post = await RawPost.open(receiver.port, len(body), expect_continue=True)
+                posts.append(post)
+                # Counted from then on (see the test above), served or waiting.
+                assert await asyncio.wait_for(post.status(), WAIT) == 100
+                # The first take every slot, their bodies not all sent; the others wait for
+                # a slot, theirs whole and buffered meanwhile.
+                await post.send(body[:10] if i < MAX_INFLIGHT else body)
+            extra = await RawPost.open(receiver.port, len(body))
+            posts.append(extra)
+            await extra.send(body)
+            assert await asyncio.wait_for(extra.status(), WAIT) == 503
+            for post in posts[:MAX_INFLIGHT]:
+                await post.send(body[10:])
+            statuses = await asyncio.wait_for(
+                asyncio.gather(*(post.status() for post in posts[:-1])), WAIT)
+            assert statuses == [202] * (MAX_INFLIGHT + MAX_WAITING)  # none was dropped
+            again = await RawPost.open(receiver.port, len(body))  # all answered: room again
+            posts.append(again)
+            await again.send(body)
+            assert await asyncio.wait_for(again.status(), WAIT) == 202
+        finally:
+            for post in posts:
+                await post.close()
+
+    asyncio.run(main())
+    assert receiver.envelopes == [body] * (MAX_INFLIGHT + MAX_WAITING + 1)
+    assert receiver.transport.refused == 1
+
+
+def test_a_body_that_stalls_gives_its_slot_up(receiver: Receiver,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_transport, "BODY_TIMEOUT", 0.5)
+    body = os.urandom(1000)
+
+    async def main() -> None:
+        stalled = [await RawPost.open(receiver.port, len(body)) for _ in range(MAX_INFLIGHT)]
+        try:
+            for post in stalled:
+                await post.send(body[:10])
+            # Otherwise these few senders would hold every slot for as long as they liked.
+            statuses = await asyncio.wait_for(
+                asyncio.gather(*(post.status() for post in stalled)), WAIT)
+            assert statuses == [408] * MAX_INFLIGHT
+            for post in stalled:
+                await post.send(body[10:])  # too late: read and thrown away, never delivered
+            fresh = await RawPost.open(receiver.port, len(body))
+            stalled.append(fresh)
+            await fresh.send(body)
+            assert await asyncio.wait_for(fresh.status(), WAIT) == 202
+        finally:
+            for post in stalled:
+                await post.close()
+
+    asyncio.run(main())
+    assert receiver.envelopes == [body]
+    assert receiver.transport.refused == MAX_INFLIGHT
+
+
+# -- bodies in pieces, bodies cut short -------------------------------------------------------
+def test_a_body_sent_in_pieces_is_delivered_whole(receiver: Receiver) -> None:
+    body = os.urandom(60_000)
+
+    async def main() -> int:
+        post = await RawPost.open(receiver.port, len(body), expect_continue=True)
+        try:
+            assert await asyncio.wait_for(post.status(), WAIT) == 100
+            for start in range(0, len(body), 20_000):
+                await post.send(body[start:start + 20_000])
+                # Not needed to pass: the pause lets the server read each piece on its own,
+                # as a slow link would deliver them, so a handler taking the first piece for
+                # the body would be caught.
+                await asyncio.sleep(0.2)
+            return await asyncio.wait_for(post.status(), WAIT)
+        finally:
+            await post.close()
+
+    assert asyncio.run(main()) == 202
+    assert [len(e) for e in receiver.envelopes] == [len(body)]
+    assert receiver.envelopes == [body]
+    assert receiver.transport.refused == 0
+
+
+def test_a_body_cut_short_is_never_delivered(receiver: Receiver) -> None:
+    async def main() -> None:
+        post = await RawPost.open(receiver.port, 5000)
+        await post.send(os.urandom(100))
+        await post.close()  # the sender goes away 4,900 bytes short
+
+    asyncio.run(main())
+    wait_until(lambda: receiver.transport.refused == 1, "the cut body refused")
+    assert receiver.envelopes == []
+
+
+# -- inbound sockets ---------------------------------------------------------------------------
+def _upgrade_headers() -> dict[str, str]:
+    return {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
+
+
+def test_sockets_beyond_the_limit_are_refused_until_some_close(
+        receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="paychan.http")
+    url = receiver.url
+
+    async def refused_status(s: aiohttp.ClientSession) -> int:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(url + "/ws")
+        return refused.value.status
+
+    async def connect_once_let_in(s: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+        """A socket once the server has seen earlier ones close (it learns that on its own
+        loop, a moment after the client's close returns)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                return await s.ws_connect(url + "/ws")
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as s:
+            sockets = [await s.ws_connect(url + "/ws") for _ in range(SOCKETS)]
+            try:
+                assert [await refused_status(s) for _ in range(3)] == [503] * 3
+                async with s.get(url + "/ws", headers=_upgrade_headers()) as r:
+                    assert r.status == 503
+                    assert "code" in (await r.json())["error"]  # as every other refusal
+                assert receiver.transport.refused == 4
+                for ws in sockets[:2]:
+                    await ws.close()
+                sockets[:2] = [await connect_once_let_in(s) for _ in range(2)]
+                assert await refused_status(s) == 503
+            finally:
+                for ws in sockets:
+                    await ws.close()
+
+    asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # One per burst of refusals, however long: the second burst began with the last one.
+    assert warnings == [f"{SOCKETS} inbound sockets open: refusing more until some close"] * 2
+    assert sum("accepting sockets again" in r.getMessage() for r in caplog.records) == 1
