@@ -94,6 +94,7 @@ class Node:
 
     def __init__(self, core: NodeCore) -> None:
         self._core = core
+        self._owned_ledger: Ledger | None = None
 
     @classmethod
     def open(cls, data_dir: str, ledger: Ledger | str, listen: str | None = None,
@@ -106,17 +107,27 @@ class Node:
         that peers' certificates must chain to (default: the system's trust store).
         `on_payment_received` sets the handler before recovery resumes any call; set later,
         resumed calls wait up to 5 s for it."""
-        if isinstance(ledger, str):
-            ledger = Ledger.connect(ledger)
+        # A ledger named by URL is the node's own: it is closed with the node.
+        owned = Ledger.connect(ledger) if isinstance(ledger, str) else None
+        if owned is not None:
+            ledger = owned
+        assert isinstance(ledger, Ledger)
         transports: list[Any] = [HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)]
         if hub is not None:
             # Last: the hub carries what no direct route can.
             transports.append(lambda core: ChatTransport(
                 hub, core.identity, core.kv_secret(b"pairing_secret")))
-        core = NodeCore(os.fspath(data_dir), ledger.client, max_live_channels=max_live_channels,
-                        idle_seconds=idle_seconds, transports=transports,
-                        payment_handler=on_payment_received)
-        return cls(core)
+        try:
+            core = NodeCore(os.fspath(data_dir), ledger.client,
+                            max_live_channels=max_live_channels, idle_seconds=idle_seconds,
+                            transports=transports, payment_handler=on_payment_received)
+        except BaseException:
+            if owned is not None:
+                owned.close()
+            raise
+        node = cls(core)
+        node._owned_ledger = owned
+        return node
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -292,7 +303,11 @@ class Node:
 
     # -- lifetime ---------------------------------------------------------------------------
     def stop(self) -> None:
-        self._core.close()
+        try:
+            self._core.close()
+        finally:
+            if self._owned_ledger is not None:
+                self._owned_ledger.close()
 
     def __enter__(self) -> Node:
         return self

@@ -421,8 +421,12 @@ def test_a_cut_off_node_resumes_its_stream_from_its_last_height(tmp_path, server
     finally:
         for node in (a, b):
             node.stop()
-            node._core.ledger.close()  # the client Node.open made from the URL
         relay.close()
+    # Node.open made each client from its URL, so stop closed it: its threads are gone.
+    for node in (a, b):
+        client = node._core.ledger
+        assert client._closed and not client._thread.is_alive()
+        assert not client._dispatcher.is_alive()
 
 
 def test_events_are_delivered_exactly_once_across_a_restart(server, connect):
