@@ -2,8 +2,9 @@
 
 Bodies are msgpack (`application/msgpack`) both ways because records hold bytes. Errors are the
 `PaychanError.to_wire()` object: 400 for the caller's fault (a bad body, parameter or
-transaction), 404 for an unknown channel or route, 405 for a method a route lacks, 413 for a
-body over 256 KiB, 500 for the server's own failure. Before any route runs, aiohttp itself
+transaction), 404 for an unknown channel or route, 405 for a method a route lacks, 408 for a
+body not sent within BODY_TIMEOUT, 413 for a body over 256 KiB, 500 for the server's own
+failure. Before any route runs, aiohttp itself
 answers in plain text: 400 for bytes that do not parse as HTTP (and closes the connection),
 417 for an `Expect` other than `100-continue`.
 
@@ -40,6 +41,7 @@ from paychan.protocol.errors import (
     NotANumber,
     NotFound,
     PaychanError,
+    Timeout,
 )
 from paychan.protocol.identity import check_amount, decode_address, decode_channel_id
 from paychan.protocol.wire import MAX_ASSET_LEN, unpack
@@ -52,6 +54,7 @@ CONTENT_TYPE = "application/msgpack"
 MAX_BODY = 256 * 1024  # a request body; a transaction is far smaller
 MAX_INCOMING = 4096  # one WebSocket message from a follower, which has nothing to say
 MAX_INFLIGHT = 64  # requests served at once; more wait, so a flood cannot grow memory
+BODY_TIMEOUT = 10.0  # seconds to send a body: a stalled upload must not keep its slot for good
 MAX_PAGE = 1000  # events per GET /events page
 BACKLOG_PAGE = 500  # events per store read while a follower catches up
 MAX_PENDING = 4096  # frames waiting for one slow follower before it re-reads the store
@@ -75,6 +78,10 @@ def error_reply(err: PaychanError, status: int | None = None) -> web.Response:
     return reply(err.to_wire(), status)
 
 
+class _BodyTimeout(Timeout):
+    """A body that did not arrive in time: answered 408, unlike the ledger's own timeouts."""
+
+
 class _Follower:
     """One WebSocket's frames not yet sent. A follower that falls too far behind drops them
     and re-reads the store, so a slow reader costs bounded memory and still misses nothing."""
@@ -96,9 +103,11 @@ class LedgerServer:
     """Serves one EmbeddedLedger. Ledger calls block on the actor, so they run on a thread
     pool and the event loop only parses, answers and streams."""
 
-    def __init__(self, ledger: EmbeddedLedger, virtual_clock: bool) -> None:
+    def __init__(self, ledger: EmbeddedLedger, virtual_clock: bool,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.ledger = ledger
         self.virtual_clock = virtual_clock
+        self.body_timeout = body_timeout
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="paychan-ledger-http")
         self._followers: set[_Follower] = set()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -184,6 +193,8 @@ class LedgerServer:
                 return await handler(request)
             async with self._inflight:
                 return await handler(request)
+        except _BodyTimeout as exc:
+            return error_reply(exc, 408)
         except PaychanError as exc:
             return error_reply(exc)
         except web.HTTPRequestEntityTooLarge:
@@ -208,7 +219,11 @@ class LedgerServer:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY,
                                                 actual_size=request.content_length)
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise _BodyTimeout(f"the request body did not arrive within "
+                               f"{self.body_timeout:g} s") from None
         except web.RequestPayloadError:
             # The body broke its own chunked framing or Content-Encoding: the caller's fault.
             raise BrokenEncoding("the request body does not decode (broken chunked framing "

@@ -672,3 +672,41 @@ def test_wall_clock_server_refuses_advance_and_stops_on_signals(tmp_path):
             RemoteLedger(server.url)
     finally:
         server.close()
+
+
+def test_stalled_uploads_give_their_slots_up() -> None:
+    """Requests that announce a body and stop sending hold every request slot; each gets 408
+    after the body timeout, and the server answers others again (they used to wait forever)."""
+    from paychan.actors.ledger_server import MAX_INFLIGHT, LedgerServer
+    ledger = paychan.Ledger.embedded(data_dir=None, clock=paychan.VirtualClock())
+    server = LedgerServer(ledger.client, virtual_clock=True, body_timeout=0.5)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stalled: list[socket.socket] = []
+    try:
+        asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(10)
+        assert server.port is not None
+        for _ in range(MAX_INFLIGHT):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"POST /tx HTTP/1.1\r\nHost: ledger\r\nContent-Length: 500\r\n\r\nabc")
+            stalled.append(sock)
+        time.sleep(0.1)  # let the server take them in, so that they hold every slot
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/height")
+        answer = conn.getresponse()
+        assert answer.status == 200 and msgpack.unpackb(answer.read()) == {"height": 0}
+        conn.close()
+        for sock in stalled:
+            head = sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 408 "), head[:200]
+            assert b"did not arrive within 0.5 s" in head or b"did not arrive" in sock.recv(4096)
+        assert ledger.client.height() == 0  # nothing was submitted
+    finally:
+        for sock in stalled:
+            sock.close()
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        ledger.close()
