@@ -706,6 +706,13 @@ def test_stalled_uploads_give_their_slots_up() -> None:
         for sock in stalled:
             sock.close()
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+
+        async def finish_the_rest() -> None:  # handlers of sockets the server saw close
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(finish_the_rest(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
