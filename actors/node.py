@@ -46,6 +46,7 @@ from paychan.storage.keys import pack, unpack
 from paychan.storage.writer import Chain, Put
 
 log = logging.getLogger("paychan.node")
+payments_log = logging.getLogger("paychan.payments")
 
 KV = "kv"
 UNHEARD_KEPT = 256  # per event name, for a callback registered after the event
@@ -358,10 +359,12 @@ class NodeCore:
         # Per-payment events are many: they log at debug and are kept for a late callback
         # only if someone listens; channel life events log at info and are always kept.
         frequent = name in FREQUENT_EVENTS
-        level = logging.DEBUG if frequent else logging.INFO
-        if log.isEnabledFor(level):
-            log.log(level, "%s: %s %s", encode_channel_id(cid), name,
-                    {k: _loggable(v) for k, v in info.items() if k != "body"})
+        # A line per payment goes to its own logger at debug, so that an application at INFO
+        # is not flooded and a daemon can turn those lines on alone (`paychan node run` does).
+        logger, level = (payments_log, logging.DEBUG) if frequent else (log, logging.INFO)
+        if logger.isEnabledFor(level):
+            logger.log(level, "%s: %s %s", encode_channel_id(cid), name,
+                       {k: _loggable(v) for k, v in info.items() if k != "body"})
         if frequent and not self.callbacks.get(name):
             return
         self._events.put({"event": name, "channel_id": encode_channel_id(cid), **info})

@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from paychan.actors.ledger_client import LedgerUnreachable
-from paychan.actors.node import FREQUENT_EVENTS
-from paychan.api import EVENTS, Ledger, Node, Payment
+from paychan.api import Ledger, Node, Payment
 from paychan.protocol.errors import PaychanError
 from paychan.service import tune_gc
 
@@ -89,6 +88,10 @@ def main(args: argparse.Namespace) -> int:
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.verb == "run" else logging.WARNING,
                         handlers=[handler])
+    if args.verb == "run":
+        # The node logs each channel event at INFO, a payment at DEBUG on its own logger
+        # (applications making many calls want it off); a daemon's log has a line for each.
+        logging.getLogger("paychan.payments").setLevel(logging.DEBUG)
     try:
         return run(args) if args.verb == "run" else pay(args)
     except PaychanError as exc:  # a clear line, not a traceback: the error says what failed
@@ -111,13 +114,6 @@ def run(args: argparse.Namespace) -> int:
     def echo(p: Payment) -> dict[str, Any]:
         return {"echo": p.message, "amount": p.amount}
 
-    # The node logs each channel event at INFO itself, except the frequent ones (a payment)
-    # that it keeps at DEBUG for applications making many calls; a daemon's log wants a line
-    # for those too. Logging the others here as well would write them twice. Registered before
-    # the handler is set, so that the calls recovery resumes are logged when they finish.
-    for event in EVENTS:
-        if event in FREQUENT_EVENTS:
-            node.on(event, _log_event)
     node.on_payment_received(echo, quick=True)  # it only builds a dict
     tune_gc()  # a daemon: what startup built lives as long as the process
     print(f"node {node.address} running", flush=True)
@@ -130,13 +126,6 @@ def run(args: argparse.Namespace) -> int:
     log.info("stopping")
     node.stop()
     return 0
-
-
-def _log_event(event: dict[str, Any]) -> None:
-    """`ch_...: payment_received {'payment_id': ..., 'amount': ...}`: the shape of the node's
-    own event lines, and like them without a message body."""
-    info = {k: v for k, v in event.items() if k not in ("event", "channel_id", "body")}
-    log.info("%s: %s %s", event["channel_id"], event["event"], info)
 
 
 def _ctrl_c_sets(stopping: threading.Event) -> None:
