@@ -113,7 +113,24 @@ class NodeCore:
         self.data_dir = data_dir
         self.handler_grace = handler_grace
         self._peers: dict[bytes, bytes] = {}
+        self.transports: list[Transport] = []
+        self._ledger_token: int | None = None
+        self._closed = False
         self.store = Store.open(data_dir)
+        try:
+            self._start(ledger, network, max_live_channels, idle_seconds, handler_threads,
+                        transports, payment_handler)
+        except BaseException:
+            # E.g. a listen port in use, or no ledger: stop what did start (threads, sockets,
+            # the store), so that a failed open leaves nothing behind.
+            self.close()
+            raise
+        log.info("node %s open at %s", self.address, data_dir)
+
+    def _start(self, ledger: LedgerClient, network: LoopbackNetwork | None,
+               max_live_channels: int, idle_seconds: float, handler_threads: int,
+               transports: list[Transport | Callable[[NodeCore], Transport]] | None,
+               payment_handler: Callable[[Payment], Any] | None) -> None:
         self.identity = self._load_identity()
         self.ledger = ledger
         self.sealer = Sealer(self.identity)
@@ -138,7 +155,6 @@ class NodeCore:
         self._waiting = 0
         self._lock = threading.Lock()
         self._events: queue.Queue[Any] = queue.Queue()
-        self._closed = False
         self.handlers = ThreadPoolExecutor(handler_threads, thread_name_prefix="paychan-handler")
         self.supervisor = Supervisor(self, max_live_channels, idle_seconds)
         self.watcher = Watcher(self)
@@ -148,7 +164,7 @@ class NodeCore:
         self.routes = Routes(self.store)
         self.network = network or default_network()
         # A factory builds its transport once the identity and store are here.
-        self.transports: list[Transport] = [LoopbackTransport(self.network, self.identity.public)]
+        self.transports.append(LoopbackTransport(self.network, self.identity.public))
         for item in transports or []:
             self.transports.append(item(self) if callable(item) else item)
         for transport in self.transports:
@@ -166,7 +182,6 @@ class NodeCore:
         ledger.on_tick(self.watcher.kick)
         self._catch_up()
         self._sync_all()
-        log.info("node %s open at %s", self.address, data_dir)
 
     # -- identity and basics ---------------------------------------------------------------
     def _load_identity(self) -> Identity:
@@ -579,22 +594,28 @@ class NodeCore:
             except Exception:
                 log.exception("closing transport %s", transport.name)
             self.store.writer.wake()  # its loop, stopped, may have left commits to write
-        try:
-            self.ledger.unsubscribe(self._ledger_token)
-        except Exception:
-            log.debug("ledger already gone at close")
-        self.watcher.stop()
-        # A handler still running is not waited for: its result finds the node closed and
-        # the payer's retry (or sync) asks again after a restart.
-        self.handlers.shutdown(wait=False, cancel_futures=True)
-        self.supervisor.stop_all()
-        self._events.put(None)
-        self._dispatcher.join(timeout=5)
-        for fut in list(self.waiters.values()):  # a failed future leaves the dict
+        if self._ledger_token is not None:
+            try:
+                self.ledger.unsubscribe(self._ledger_token)
+            except Exception:
+                log.debug("ledger already gone at close")
+        # The parts below exist unless opening failed before they were made.
+        if hasattr(self, "watcher"):
+            self.watcher.stop()
+        if hasattr(self, "handlers"):
+            # A handler still running is not waited for: its result finds the node closed and
+            # the payer's retry (or sync) asks again after a restart.
+            self.handlers.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "supervisor"):
+            self.supervisor.stop_all()
+        if hasattr(self, "_dispatcher"):
+            self._events.put(None)
+            self._dispatcher.join(timeout=5)
+        for fut in list(getattr(self, "waiters", {}).values()):  # a failed one leaves the dict
             if not fut.done():
                 fut.set_exception(Rejected("node closed"))
         self.store.close()
-        log.info("node %s closed", self.address)
+        log.info("node at %s closed", self.data_dir)
 
 
 LOGGED_VALUE_CHARS = 200

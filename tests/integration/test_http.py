@@ -407,3 +407,27 @@ def test_a_quick_handler_writes_on_the_transport_loop_and_may_not_block_there(pa
     assert a.balances(ch)["my_balance"] == 1_000 - paid  # the refused call was refunded
     assert b.balances(ch)["sent_by_me"] == 3  # the refund; nothing was paid from the handler
     assert a.send_message_and_pay(ch, "after", 1, timeout=10) == ["quick", "after"]
+
+
+def test_a_node_that_cannot_listen_fails_to_open_and_leaves_nothing(tmp_path, ledger):
+    import threading
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    threads = set(threading.enumerate())
+    try:
+        with pytest.raises(OSError):
+            paychan.Node.open(str(tmp_path / "a"), ledger=ledger,
+                              listen=f"http://127.0.0.1:{port}")
+    finally:
+        taken.close()
+    # Its transport threads, actors and event dispatcher stopped, its store closed: the same
+    # folder opens again at once, and no thread of the failed node is left.
+    # (The in-process loopback network is shared by every node of the process: it stays.)
+    left = lambda: {t for t in set(threading.enumerate()) - threads  # noqa: E731
+                    if t.name != "paychan-loopback"}
+    wait_until(lambda: not left(), "the failed node's threads end")
+    node = paychan.Node.open(str(tmp_path / "a"), ledger=ledger,
+                             listen=f"http://127.0.0.1:{free_port()}")
+    node.stop()
