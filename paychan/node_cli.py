@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -58,29 +57,66 @@ def add_parser(sub: Any) -> None:
     pay.add_argument("--close", action="store_true", help="close the channel afterwards")
 
 
-def _connect(url: str, wait: float, stopping: threading.Event) -> Ledger | None:
+class StopFlag:
+    """Set from a signal handler, waited on by the main thread. A plain flag, polled: a
+    threading.Event set from a handler deadlocks if the signal lands while the main thread
+    holds the Event's own lock (inside its wait)."""
+
+    POLL = 0.1
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False when `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._set:
+            left = self.POLL if deadline is None else min(self.POLL, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
+
+
+def _connect(url: str, wait: float, stopping: StopFlag) -> Ledger | None:
     """The ledger at `url`, retried with backoff for up to `wait` seconds: a daemon may well be
     started before (or while) its ledger server restarts. None when `stopping` is set first."""
     deadline = time.monotonic() + wait
     delay = 0.25
-    while True:
+    while not stopping.is_set():
         try:
             return Ledger.connect(url)
         except LedgerUnreachable as exc:
+            if stopping.is_set():
+                break
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("ledger not answering (%s); retrying in %g s", exc, delay)
             if stopping.wait(delay):
-                return None
+                break
             delay = min(delay * 2, 5.0)
+    return None
 
 
-def _open(args: argparse.Namespace, stopping: threading.Event) -> Node | None:
+def _open(args: argparse.Namespace, stopping: StopFlag) -> Node | None:
+    """The node, which owns (and closes) its ledger client; None when stopped first."""
     ledger = _connect(args.ledger, args.wait_ledger, stopping)
     if ledger is None:
         return None
-    return Node.open(args.data, ledger=ledger, listen=args.listen, hub=args.hub,
-                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+    try:
+        node = Node.open(args.data, ledger=ledger, listen=args.listen, hub=args.hub,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+    except BaseException:
+        ledger.close()
+        raise
+    node._owned_ledger = ledger
+    return node
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,14 +130,15 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("paychan.payments").setLevel(logging.DEBUG)
     try:
         return run(args) if args.verb == "run" else pay(args)
-    except PaychanError as exc:  # a clear line, not a traceback: the error says what failed
+    except (PaychanError, OSError) as exc:
+        # A clear line, not a traceback: the error says what failed (e.g. a port in use).
         print(f"paychan node {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then stop cleanly (actors, transports, store)."""
-    stopping = threading.Event()
+    stopping = StopFlag()
     # Before opening: a signal while the ledger is awaited (or the store recovers) must stop
     # the daemon cleanly too, not kill it or end it in a KeyboardInterrupt traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,30 +165,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ctrl_c_sets(stopping: threading.Event) -> None:
+def _ctrl_c_sets(stopping: StopFlag) -> Any:
     """The first Ctrl-C asks to stop at the next step; a second one interrupts at once. (A
     KeyboardInterrupt in the middle of a call would stop the channel it was working for, which
-    then restarts from its store: safe, but noisy in the log.)"""
+    then restarts from its store: safe, but noisy in the log.) Returns the handler it replaced."""
     def first(*_: Any) -> None:
         stopping.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, first)
+    return signal.signal(signal.SIGINT, first)
 
 
 def pay(args: argparse.Namespace) -> int:
-    stopping = threading.Event()
-    _ctrl_c_sets(stopping)
+    stopping = StopFlag()
+    before = _ctrl_c_sets(stopping)
+    try:
+        return _pay(args, stopping)
+    finally:
+        signal.signal(signal.SIGINT, before)  # for a caller of paychan.cli.main in-process
+
+
+def _pay(args: argparse.Namespace, stopping: StopFlag) -> int:
     node = _open(args, stopping)
     if node is None:
         return _interrupted()
     with node:
+        # Before each step that moves money or may wait long: a Ctrl-C that came meanwhile
+        # stops here rather than mint, lock a deposit or pay once more.
+        if stopping.is_set():
+            return _interrupted()
         if args.mint:
-            Ledger.connect(args.ledger).mint(node.address, args.mint)
+            with Ledger.connect(args.ledger) as faucet:
+                faucet.mint(node.address, args.mint)
         need = args.amount * args.count
         ch = next((c for c in node.channels(args.peer)
                    if node.balances(c)["status"] == "open"
                    and node.balances(c)["my_balance"] >= need), None)
         if ch is None:
+            if stopping.is_set():
+                return _interrupted()
             ch = node.create_channel(args.peer, args.deposit)
             print(f"opened {ch}", flush=True)
         for _ in range(args.count):
