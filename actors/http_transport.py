@@ -7,10 +7,11 @@ import json
 import logging
 import ssl
 import threading
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,9 +31,13 @@ MAX_INFLIGHT = 64  # requests served at once; more wait for a slot
 # request it hands us, so this bounds that memory too (128 bodies of MAX_BODY, about 18 MB).
 MAX_WAITING = 64
 BODY_TIMEOUT = 30.0  # seconds a request holding one of those slots may take to send its body
-# Inbound sockets open at once. A peer keeps one, so only a flood gets near it; with the
-# client's 256 outbound connections the node stays under the usual limit of 1,024 open files.
+# Inbound sockets open at once. A peer keeps one, so only a flood gets near it.
 MAX_SOCKETS = 512
+# Inbound connections of any kind (sockets, requests, idle or half-sent ones) are counted at
+# accept, as aiohttp bounds none of them and each holds a file descriptor: at most the sockets,
+# the requests served and waiting, and these spare ones (704 by default; with the client's 256
+# outbound connections the node stays under the usual limit of 1,024 open files).
+SPARE_CONNECTIONS = 64
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
 REDIAL_FOR = 300.0  # seconds a peer whose socket broke is redialed with nothing to send
@@ -58,10 +63,12 @@ class HttpTransport(OwnLoop):
 
     def __init__(self, listen: str | None, info: dict[str, Any], cert_file: str | None = None,
                  key_file: str | None = None, ca_file: str | None = None,
-                 max_sockets: int = MAX_SOCKETS) -> None:
+                 max_sockets: int = MAX_SOCKETS, max_connections: int | None = None) -> None:
         self.listen = listen.rstrip("/") if listen else None
         self.info = info
         self.max_sockets = max_sockets
+        self.max_connections = (max_connections if max_connections is not None else
+                                max_sockets + MAX_INFLIGHT + MAX_WAITING + SPARE_CONNECTIONS)
         self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
         self.on_reconnect: Callable[[bytes], None] | None = None
         self._deliver: Deliver | None = None
@@ -80,6 +87,7 @@ class HttpTransport(OwnLoop):
         self._sockets: set[Socket] = set()  # every open socket, the peer known or not yet
         self._accepted: set[web.WebSocketResponse] = set()  # the inbound ones, up to max_sockets
         self._turned_away = 0  # upgrades refused since the last one accepted
+        self._last_turned_away = -1e9  # when a connection was last turned away
         self._closing = False
         self._limit: asyncio.Semaphore | None = None
         self._posts = 0  # requests served or waiting for a slot
@@ -111,7 +119,8 @@ class HttpTransport(OwnLoop):
         app.router.add_post("/envelope", self._on_post)
         app.router.add_get("/ws", self._on_ws)
         app.router.add_get("/info", self._on_info)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = _CappedRunner(app, self.max_connections, self._connection_refused,
+                                     access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, url.hostname or "127.0.0.1", url.port or 0,
                            ssl_context=server_ssl)
@@ -148,6 +157,14 @@ class HttpTransport(OwnLoop):
     # -- server ----------------------------------------------------------------------------
     async def _on_info(self, request: web.Request) -> web.Response:
         return web.json_response(self.info)
+
+    def _connection_refused(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_turned_away > 10.0:  # a line per flood, not per connection
+            log.warning("over %d connections open; turning new ones away",
+                        self.max_connections)
+        self._last_turned_away = now
 
     async def _on_ws(self, request: web.Request) -> web.StreamResponse:
         if len(self._accepted) >= self.max_sockets:
@@ -430,3 +447,46 @@ def _sender(envelope: bytes) -> bytes | None:
 
 def _error(status: int, err: PaychanError) -> web.Response:
     return web.json_response({"error": err.to_wire()}, status=status)
+
+
+class _CappedRunner(web.AppRunner):
+    """An AppRunner whose server turns connections beyond `cap` away as they are accepted."""
+
+    def __init__(self, app: web.Application, cap: int, on_refused: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._cap = cap
+        self._on_refused = on_refused
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return cast(web.Server, _CappedServer(server, self._cap, self._on_refused))
+
+
+class _CappedServer:
+    """The protocol factory the listening socket calls per connection: aiohttp's server while
+    fewer than `cap` connections are open, else a protocol that answers 503 and hangs up.
+    (A burst accepted in one loop turn may pass the cap by up to the listen backlog: the
+    server counts a connection once its transport is set up, a turn later.)"""
+
+    def __init__(self, server: web.Server, cap: int, on_refused: Callable[[], None]) -> None:
+        self._server = server
+        self._cap = cap
+        self._on_refused = on_refused
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self._server.connections) >= self._cap:
+            self._on_refused()
+            return _TurnAway()
+        return self._server()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _TurnAway(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n")
+        transport.close()

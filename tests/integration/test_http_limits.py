@@ -276,3 +276,43 @@ def test_sockets_beyond_the_limit_are_refused_until_some_close(
     # One per burst of refusals, however long: the second burst began with the last one.
     assert warnings == [f"{SOCKETS} inbound sockets open: refusing more until some close"] * 2
     assert sum("accepting sockets again" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_connections_beyond_the_cap_are_turned_away_at_accept() -> None:
+    """Idle connections and half-sent requests count too: past the cap a new connection gets
+    503 and is closed at once; once some close, connections are served again."""
+    cap = 12
+    transport = HttpTransport("http://127.0.0.1:0", {}, max_sockets=4, max_connections=cap)
+    transport.start(lambda envelope, route: None)
+    port = transport.bound_port
+    assert port is not None
+
+    async def scenario() -> None:
+        held = []
+        for i in range(cap):  # half idle, half stuck in their headers
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if i % 2:
+                writer.write(b"POST /envelope HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                await writer.drain()
+            held.append((reader, writer))
+        await asyncio.sleep(0.2)  # the server has set every one of them up
+        refused = transport.refused
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = await asyncio.wait_for(reader.read(), WAIT)  # answered, then closed
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert transport.refused == refused + 1
+        writer.close()
+        for _, w in held[: cap // 2]:
+            w.close()
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/info",
+                                   timeout=aiohttp.ClientTimeout(total=WAIT)) as answer:
+                assert answer.status == 200
+        for _, w in held[cap // 2:]:
+            w.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        transport.close()
