@@ -38,6 +38,9 @@ MAX_SOCKETS = 512
 # the requests served and waiting, and these spare ones (704 by default; with the client's 256
 # outbound connections the node stays under the usual limit of 1,024 open files).
 SPARE_CONNECTIONS = 64
+# Seconds an inbound socket may stay open without one accepted envelope: a peer dials when it
+# has something to send, so a socket that says nothing only holds a place under MAX_SOCKETS.
+FIRST_ENVELOPE_TIMEOUT = 30.0
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
 REDIAL_FOR = 300.0  # seconds a peer whose socket broke is redialed with nothing to send
@@ -187,10 +190,20 @@ class HttpTransport(OwnLoop):
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
                 return ws
             self._sockets.add(ws)
-            await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+            quiet = self._loop.call_later(FIRST_ENVELOPE_TIMEOUT, self._close_if_anonymous, ws)
+            try:
+                await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+            finally:
+                quiet.cancel()
         finally:
             self._accepted.discard(ws)
         return ws
+
+    def _close_if_anonymous(self, ws: web.WebSocketResponse) -> None:
+        if ws.closed or any(known is ws for known in self._inbound.values()):
+            return
+        log.info("closing a socket that sent no envelope in %g s", FIRST_ENVELOPE_TIMEOUT)
+        self._loop.create_task(ws.close(code=4003, message=b"no envelope in time"))
 
     async def _on_post(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:

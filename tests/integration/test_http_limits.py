@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 
 from paychan.actors import http_transport
@@ -316,3 +317,29 @@ def test_connections_beyond_the_cap_are_turned_away_at_accept() -> None:
         asyncio.run(scenario())
     finally:
         transport.close()
+
+
+def test_a_socket_that_sends_no_envelope_is_closed(
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets that never say anything would hold the places under the socket limit for good,
+    keeping out peers that can only be answered on a socket of their own."""
+    monkeypatch.setattr(http_transport, "FIRST_ENVELOPE_TIMEOUT", 0.3)
+    envelope = msgpack.packb([1, os.urandom(32), os.urandom(24), b"sealed"])
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as s:
+            silent = await s.ws_connect(receiver.url + "/ws")
+            talking = await s.ws_connect(receiver.url + "/ws")
+            await talking.send_bytes(envelope)
+            closed = await asyncio.wait_for(silent.receive(), WAIT)
+            assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4003, closed
+            await asyncio.sleep(0.5)  # past the deadline: the one that sent an envelope stays
+            assert not talking.closed
+            await talking.send_bytes(envelope)
+            await talking.close()
+        wait = time.monotonic() + WAIT
+        while len(receiver.envelopes) < 2 and time.monotonic() < wait:
+            await asyncio.sleep(0.01)
+        assert receiver.envelopes == [envelope, envelope]
+
+    asyncio.run(main())
