@@ -11,7 +11,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -38,9 +38,14 @@ MAX_SOCKETS = 512
 # the requests served and waiting, and these spare ones (704 by default; with the client's 256
 # outbound connections the node stays under the usual limit of 1,024 open files).
 SPARE_CONNECTIONS = 64
+# Seconds a connection counts before it is set up. Only a TLS handshake takes that long (a
+# real one takes milliseconds); one abandoned half-way is never reported, so it stops counting
+# then, lest a burst of them keep everyone out after it ended.
+PENDING_WINDOW = 10.0
 # Seconds an inbound socket may stay open without one accepted envelope: a peer dials when it
 # has something to send, so a socket that says nothing only holds a place under MAX_SOCKETS.
 FIRST_ENVELOPE_TIMEOUT = 30.0
+SILENT = 4003  # the close code for it
 MAX_QUEUED = 4096  # outgoing envelopes per peer waiting for it to come back
 MAX_STRIKES = 16  # refused frames before a socket is closed
 REDIAL_FOR = 300.0  # seconds a peer whose socket broke is redialed with nothing to send
@@ -190,20 +195,20 @@ class HttpTransport(OwnLoop):
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
                 return ws
             self._sockets.add(ws)
-            quiet = self._loop.call_later(FIRST_ENVELOPE_TIMEOUT, self._close_if_anonymous, ws)
+            quiet = self._loop.call_later(FIRST_ENVELOPE_TIMEOUT, self._close_silent, ws)
             try:
-                await self._read(ws, None, _route(request.headers.get(REPLY_TO)))
+                await self._read(ws, None, _route(request.headers.get(REPLY_TO)), quiet)
             finally:
                 quiet.cancel()
         finally:
             self._accepted.discard(ws)
         return ws
 
-    def _close_if_anonymous(self, ws: web.WebSocketResponse) -> None:
-        if ws.closed or any(known is ws for known in self._inbound.values()):
+    def _close_silent(self, ws: web.WebSocketResponse) -> None:
+        if ws.closed:
             return
         log.info("closing a socket that sent no envelope in %g s", FIRST_ENVELOPE_TIMEOUT)
-        self._loop.create_task(ws.close(code=4003, message=b"no envelope in time"))
+        self._loop.create_task(ws.close(code=SILENT, message=b"no envelope in time"))
 
     async def _on_post(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -361,8 +366,10 @@ class HttpTransport(OwnLoop):
                 return ws
         return None
 
-    async def _read(self, ws: Socket, peer: bytes | None, route: dict[str, Any] | None) -> None:
-        """Hand every frame from a socket to the node; answer junk with an error frame."""
+    async def _read(self, ws: Socket, peer: bytes | None, route: dict[str, Any] | None,
+                    quiet: asyncio.TimerHandle | None = None) -> None:
+        """Hand every frame from a socket to the node; answer junk with an error frame. The
+        first accepted envelope cancels `quiet`, the timer closing a silent inbound socket."""
         assert self._deliver is not None
         strikes = 0
         try:
@@ -371,11 +378,24 @@ class HttpTransport(OwnLoop):
                     log.info("socket from %s failed: %s",
                              peer.hex()[:12] if peer else "a peer", frame.data)
                     break
+                if frame.type is aiohttp.WSMsgType.TEXT and _is_error(frame.data):
+                    # The peer refused a frame of ours. Never answered: two nodes would
+                    # answer each other's error frames until the socket closed.
+                    log.info("%s refused a frame: %s",
+                             peer.hex()[:12] if peer else "a peer", frame.data[:300])
+                    strikes += 1  # still bounded: a junk sender could send only these
+                    if strikes >= MAX_STRIKES:
+                        await ws.close(code=4002, message=b"too many refused frames")
+                        break
+                    continue
                 if frame.type != aiohttp.WSMsgType.BINARY or len(frame.data) > MAX_BODY:
                     refused: PaychanError | None = BrokenEncoding("frames are binary envelopes")
                 else:
                     refused = self._deliver(frame.data, route)
                 if refused is None:
+                    if quiet is not None:
+                        quiet.cancel()
+                        quiet = None
                     if peer is None:
                         peer = _sender(frame.data)
                         if peer is not None:
@@ -399,8 +419,10 @@ class HttpTransport(OwnLoop):
                     await ws.close()
             if peer is not None:
                 self._gone.add(peer)
-                if not self._closing and peer in self._urls:
-                    self._wake(peer)  # redial it: frames in the broken socket may be lost
+                # Redial it: frames in the broken socket may be lost. Not when the peer closed
+                # it for saying nothing: it would be as silent again, every FIRST_ENVELOPE_TIMEOUT.
+                if not self._closing and peer in self._urls and ws.close_code != SILENT:
+                    self._wake(peer)
 
     def fetch_info(self, url: str, timeout: float = 10.0) -> dict[str, Any]:
         """GET url/info from a caller's thread; clear errors for refused or untrusted peers."""
@@ -450,6 +472,15 @@ def _route(reply_to: str | None) -> dict[str, Any]:
     return {"via": "http"}
 
 
+def _is_error(text: str) -> bool:
+    """Whether a text frame is an error frame, as `_read` answers a refused frame."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+
+
 def _sender(envelope: bytes) -> bytes | None:
     try:
         obj = msgpack.unpackb(envelope, raw=False)
@@ -473,28 +504,37 @@ class _CappedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return cast(web.Server, _CappedServer(server, self._cap, self._on_refused))
+        # The server aiohttp built, made a _CappedServer: it is its own connections' manager,
+        # so it hears each connection set up and lost.
+        server.__class__ = _CappedServer
+        assert isinstance(server, _CappedServer)
+        server.cap, server.on_refused, server.pending = self._cap, self._on_refused, {}
+        return server
 
 
-class _CappedServer:
-    """The protocol factory the listening socket calls per connection: aiohttp's server while
-    fewer than `cap` connections are open, else a protocol that answers 503 and hangs up.
-    (A burst accepted in one loop turn may pass the cap by up to the listen backlog: the
-    server counts a connection once its transport is set up, a turn later.)"""
+class _CappedServer(web.Server):
+    """Counts a connection from the moment it is accepted, when the listening socket asks for
+    its protocol: aiohttp counts it only once set up, which over TLS is after the handshake,
+    so connections that never finish one would go uncounted."""
 
-    def __init__(self, server: web.Server, cap: int, on_refused: Callable[[], None]) -> None:
-        self._server = server
-        self._cap = cap
-        self._on_refused = on_refused
+    cap: int
+    on_refused: Callable[[], None]
+    pending: dict[Any, float]  # accepted, not yet set up: handler -> when
 
-    def __call__(self) -> asyncio.BaseProtocol:
-        if len(self._server.connections) >= self._cap:
-            self._on_refused()
+    def __call__(self) -> Any:
+        now = time.monotonic()
+        for handler in [h for h, t in self.pending.items() if now - t > PENDING_WINDOW]:
+            del self.pending[handler]
+        if len(self.connections) + len(self.pending) >= self.cap:
+            self.on_refused()
             return _TurnAway()
-        return self._server()
+        handler = super().__call__()
+        self.pending[handler] = now
+        return handler
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        self.pending.pop(handler, None)
+        super().connection_made(handler, transport)
 
 
 class _TurnAway(asyncio.Protocol):

@@ -181,7 +181,8 @@ def pay(args: argparse.Namespace) -> int:
     try:
         return _pay(args, stopping)
     finally:
-        signal.signal(signal.SIGINT, before)  # for a caller of paychan.cli.main in-process
+        if before is not None:  # None: a handler not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, before)  # for a caller of paychan.cli.main in-process
 
 
 def _pay(args: argparse.Namespace, stopping: StopFlag) -> int:

@@ -343,3 +343,78 @@ def test_a_socket_that_sends_no_envelope_is_closed(
         assert receiver.envelopes == [envelope, envelope]
 
     asyncio.run(main())
+
+
+def test_over_tls_connections_still_in_their_handshake_count_too(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS aiohttp sees a connection only once its handshake is done; connections that
+    never start one must still count, or a flood of them would go unbounded. Abandoned, they
+    stop counting after PENDING_WINDOW."""
+    import ssl
+    monkeypatch.setattr(http_transport, "PENDING_WINDOW", 1.0)
+
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    cap = 6
+    transport = HttpTransport("https://127.0.0.1:0", {}, str(cert), str(key),
+                              max_sockets=2, max_connections=cap)
+    transport.start(lambda envelope, route: None)
+    url = f"https://127.0.0.1:{transport.bound_port}/info"
+
+    async def info_status(s: aiohttp.ClientSession) -> int:
+        try:
+            async with s.get(url, ssl=client_ssl,
+                             timeout=aiohttp.ClientTimeout(total=WAIT)) as answer:
+                return answer.status
+        except aiohttp.ServerDisconnectedError:
+            return 503  # turned away before the status line could be read
+
+    async def main() -> None:
+        silent = [await asyncio.open_connection("127.0.0.1", transport.bound_port)
+                  for _ in range(cap)]  # TCP only: no ClientHello, ever
+        await asyncio.sleep(0.2)
+        refused = transport.refused
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            assert await info_status(s) == 503
+            assert transport.refused == refused + 1
+            for _, writer in silent:
+                writer.close()
+            await asyncio.sleep(1.2)  # past the window: nothing reports them gone
+            assert await info_status(s) == 200
+
+    try:
+        asyncio.run(main())
+    finally:
+        transport.close()
+
+
+def test_a_socket_closed_for_silence_is_not_redialled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that refuses everything we send closes our socket as silent; redialling it with
+    nothing accepted to say would only be closed again, every FIRST_ENVELOPE_TIMEOUT."""
+    from paychan.protocol.errors import Conflict
+    monkeypatch.setattr(http_transport, "FIRST_ENVELOPE_TIMEOUT", 0.2)
+    refusing = HttpTransport("http://127.0.0.1:0", {})
+    refusing.start(lambda envelope, route: Conflict("no channel of yours here"))
+    dialer = HttpTransport("http://127.0.0.1:0", {})
+    dialer.start(lambda envelope, route: None)
+    try:
+        peer = os.urandom(32)
+        dialer.send(peer, msgpack.packb([1, os.urandom(32), os.urandom(24), b"sealed"]),
+                    {"via": "http", "url": f"http://127.0.0.1:{refusing.bound_port}"})
+        deadline = time.monotonic() + WAIT
+        while refusing.refused < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert refusing.refused == 1
+        time.sleep(1.5)  # several timeouts: each redial would open one more silent socket
+        assert refusing.refused == 1
+        assert len(refusing._accepted) == 0  # the silent socket was closed, none came back
+    finally:
+        dialer.close()
+        refusing.close()
