@@ -1,7 +1,6 @@
 """`paychan ledger serve` in its own process: nodes over HTTP, restarts, and hostile input."""
 import asyncio
 import base64
-import contextlib
 import http.client
 import os
 import random
@@ -17,6 +16,7 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
+from relay import Relay
 
 import paychan
 from paychan.actors.ledger_client import LedgerUnreachable, RemoteLedger
@@ -78,68 +78,6 @@ class LedgerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-class Relay:
-    """A TCP relay on loopback between one node and the ledger server. `cut()` drops its
-    connections and closes each new one on arrival until `restore()`: that node alone loses
-    the ledger, which stays up for everyone else."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.up = True
-        self.conns: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return  # closed
-            # Under the lock, so a cut never misses a connection being set up.
-            with self.lock:
-                try:
-                    if not self.up:
-                        raise ConnectionRefusedError
-                    upstream = socket.create_connection(self.target, timeout=5)
-                except OSError:
-                    client.close()
-                    continue
-                upstream.settimeout(None)
-                self.conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self.lock:
-            self.up = False
-            conns, self.conns = self.conns, set()
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def restore(self) -> None:
-        with self.lock:
-            self.up = True
-
-    def close(self) -> None:
-        self.server.close()
-        self.cut()
 
 
 class RawWebSocket:
@@ -395,7 +333,7 @@ def test_a_cut_off_node_resumes_its_stream_from_its_last_height(tmp_path, server
         assert a.send_message_and_pay(ch, "before", 10) == {"echo": "before"}
         connects, before = stream.stream_connects, len(heard)
 
-        relay.cut()
+        relay.cut(refuse_new=True)
         # The ledger is up and the peer reaches it: a deposit and a solo close land meanwhile.
         b.deposit(ch, 200)
         b.close(ch, mutual=False, wait=False)

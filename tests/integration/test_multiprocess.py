@@ -3,7 +3,7 @@
 Every node is mp_node.py, driven by lines on its stdin; the ledger is `paychan ledger serve
 --virtual-clock` and the hub `paychan hub serve`. Processes are SIGKILLed at random moments of
 a payment storm and restarted on the same data folder and port, or the connections between
-two nodes are cut through a relay (CutProxy); at the end every acknowledged payment must be
+two nodes are cut through a relay (relay.py); at the end every acknowledged payment must be
 counted exactly once by both sides and the ledger must pay out the deposits.
 PAYCHAN_MP_SEED replays a run's kill moments (the seed is printed); PAYCHAN_MP_LOG=INFO makes
 the nodes log more (their logs are next to their data folders).
@@ -14,7 +14,6 @@ between the two nodes, not by the payer's retry.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from relay import Relay
 
 import paychan
 from paychan.protocol.identity import decode_channel_id
@@ -238,65 +238,6 @@ class NodeProc(Proc):
             return [x for x in self.lines if x.startswith(("PAYERR", "BADREPLY", "ERR"))]
 
 
-class CutProxy:
-    """A TCP relay on loopback whose connections the test cuts, as a network failure would:
-    for a moment the connections of that time swallow what passes (the frames in flight are
-    lost), then they are closed. Connections made meanwhile are relayed as usual."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.conns: set[socket.socket] = set()
-        self.doomed: set[socket.socket] = set()  # swallowing until the cut closes them
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if src not in self.doomed:
-                    dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self, swallow_for: float) -> None:
-        with self.lock:
-            doomed, self.conns = self.conns, set()
-            self.doomed |= doomed
-        time.sleep(swallow_for)
-        for s in doomed:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        with self.lock:
-            self.doomed -= doomed
-
-    def close(self) -> None:
-        self.server.close()
-        self.cut(0)
-
-
 class World:
     """The processes of one test; every one still alive is killed at teardown."""
 
@@ -306,7 +247,7 @@ class World:
         self.admin: paychan.Ledger | None = None
         self.ledger: Proc | None = None
         self.hub: Proc | None = None
-        self.proxies: list[CutProxy] = []
+        self.proxies: list[Relay] = []
 
     def start_ledger(self) -> str:
         port = free_port()
@@ -345,9 +286,9 @@ class World:
         assert self.admin is not None
         return self.admin.balance(node.address)
 
-    def proxy(self, node: NodeProc) -> CutProxy:
+    def proxy(self, node: NodeProc) -> Relay:
         assert node.url is not None
-        proxy = CutProxy(int(node.url.rsplit(":", 1)[1]))
+        proxy = Relay(int(node.url.rsplit(":", 1)[1]))
         self.proxies.append(proxy)
         return proxy
 
