@@ -17,8 +17,9 @@ payment. The ratios paychan/bare are what to compare across machines.
 
 Four cases across OS processes (bench/xproc.py has their processes and programs):
 
-  paychan-xproc, 1 channel    `paychan ledger serve`, a payee daemon `paychan node run` (echo
-                              handler) and a payer process (`paychan.Node.open(dir, ledger=URL,
+  paychan-xproc, 1 channel    `paychan ledger serve`, a payee daemon `paychan node run
+                              --no-payment-log` (echo handler; the bare payee logs nothing per
+                              payment either) and a payer process (`paychan.Node.open(dir, ledger=URL,
                               listen=URL)`, a channel to the payee's URL) paying over HTTP
   paychan-xproc, C channels   the same with C channels paid at once (asyncio tasks calling
                               `asend_message_and_pay`)
@@ -944,8 +945,8 @@ def table(result: dict[str, Any]) -> str:
               "commits/txn: commit requests per",
               "durable LMDB write transaction (group commit); across processes, counted in the "
               "payer process.",
-              "xproc: paychan = `paychan ledger serve` + payee `paychan node run` + a payer "
-              "process (paychan.Node) over HTTP;",
+              "xproc: paychan = `paychan ledger serve` + payee `paychan node run "
+              "--no-payment-log` + a payer process (paychan.Node) over HTTP;",
               "bare = two asyncio processes, one aiohttp WebSocket, LMDB (sync=True) and PyNaCl, "
               "the same work per payment.",
               f"Total run time {result['elapsed_s']:.1f} s."]

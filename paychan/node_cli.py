@@ -47,6 +47,9 @@ def add_parser(sub: Any) -> None:
                        metavar="SECONDS",
                        help="how long to retry a ledger that does not answer yet (run: 60, "
                             "pay: 0)")
+    verbs.choices["run"].add_argument(
+        "--no-payment-log", action="store_true",
+        help="no log line per payment received (a busy service writes thousands a second)")
     pay = verbs.choices["pay"]
     pay.add_argument("--peer", required=True, help="the peer's URL or pairing code")
     pay.add_argument("--deposit", type=int, default=1000, help="deposit of a new channel")
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.verb == "run" else logging.WARNING,
                         handlers=[handler])
-    if args.verb == "run":
+    if args.verb == "run" and not args.no_payment_log:
         # The node logs each channel event at INFO, a payment at DEBUG on its own logger
         # (applications making many calls want it off); a daemon's log has a line for each.
         logging.getLogger("paychan.payments").setLevel(logging.DEBUG)

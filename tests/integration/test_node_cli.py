@@ -278,3 +278,29 @@ def _next(lines: queue.Queue[str]) -> str | None:
             return None
         if '"echo"' in line:
             return line
+
+
+def test_no_payment_log_leaves_out_only_the_payment_lines(tmp_path: Path) -> None:
+    ledger_port, node_port = free_port(), free_port()
+    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
+    log = tmp_path / "node.log"
+    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    try:
+        assert procs[0].stdout is not None
+        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
+        node = start_node(tmp_path / "node", ledger_url, node_url, log, "--no-payment-log")
+        procs.insert(0, node)
+        assert node.stdout is not None
+        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        with Ledger.connect(ledger_url) as ledger, \
+                Node.open(str(tmp_path / "payer"), ledger=ledger) as payer:
+            ledger.mint(payer.address, 1000)
+            ch = payer.create_channel(node_url, 500, timeout=WAIT)
+            for i in range(3):
+                assert payer.send_message_and_pay(ch, i, 1, timeout=WAIT)["echo"] == i
+        wait_for_text(log, "channel_open", "the channel's line")
+        assert stop_all([node]) == [0]
+    finally:
+        stop_all(procs)
+    text = log.read_text()
+    assert "payment_received" not in text and f"{ch}: channel_open " in text
