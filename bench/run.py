@@ -19,8 +19,9 @@ Four cases across OS processes (bench/xproc.py has their processes and programs)
 
   paychan-xproc, 1 channel    `paychan ledger serve`, a payee daemon `paychan node run
                               --no-payment-log` (echo handler; the bare payee logs nothing per
-                              payment either) and a payer process (`paychan.Node.open(dir, ledger=URL,
-                              listen=URL)`, a channel to the payee's URL) paying over HTTP
+                              payment either) and a payer process (`paychan.Node.open(dir,
+                              ledger=URL, listen=URL)`, a channel to the payee's URL) paying
+                              over HTTP
   paychan-xproc, C channels   the same with C channels paid at once (asyncio tasks calling
                               `asend_message_and_pay`)
   bare-xproc,    1 channel    two plain asyncio processes, one aiohttp WebSocket between them,
