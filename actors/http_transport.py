@@ -141,6 +141,8 @@ class HttpTransport(OwnLoop):
 
     def close(self) -> None:
         if not self._thread.is_alive():
+            if self._thread.ident is None and not self._loop.is_closed():
+                self._loop.close()  # never started (its node failed to open): its sockets
             return
         try:
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)

@@ -112,7 +112,8 @@ class Node:
         if owned is not None:
             ledger = owned
         assert isinstance(ledger, Ledger)
-        transports: list[Any] = [HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)]
+        http = HttpTransport(listen, {}, tls_cert, tls_key, tls_ca)
+        transports: list[Any] = [http]
         if hub is not None:
             # Last: the hub carries what no direct route can.
             transports.append(lambda core: ChatTransport(
@@ -122,6 +123,7 @@ class Node:
                             max_live_channels=max_live_channels, idle_seconds=idle_seconds,
                             transports=transports, payment_handler=on_payment_received)
         except BaseException:
+            http.close()  # when the node failed before starting it (a started one it closed)
             if owned is not None:
                 owned.close()
             raise

@@ -431,3 +431,17 @@ def test_a_node_that_cannot_listen_fails_to_open_and_leaves_nothing(tmp_path, le
     node = paychan.Node.open(str(tmp_path / "a"), ledger=ledger,
                              listen=f"http://127.0.0.1:{free_port()}")
     node.stop()
+
+
+def test_a_node_whose_folder_cannot_be_made_leaves_no_descriptor_open(tmp_path, ledger):
+    import os
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ledger.client.height()  # the ledger's own files are open before the count
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as failed:
+        paychan.Node.open(str(blocker), ledger=ledger, listen=f"http://127.0.0.1:{free_port()}")
+    # The failure (and so the transport it built, through its traceback) is still referenced:
+    # its event loop's descriptors are closed because the open closed it, not the collector.
+    assert failed.value is not None
+    assert len(os.listdir("/proc/self/fd")) == before
