@@ -88,6 +88,23 @@ def start_node(data: Path, ledger: str, listen: str, log: Path,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
 
 
+def ledger_and_node(tmp_path: Path, log: Path, procs: list[subprocess.Popen[str]],
+                    *more: str) -> tuple[str, str, subprocess.Popen[str]]:
+    """`paychan ledger serve` and a `paychan node run` on it, both running: (ledger URL, node
+    URL, node). Both go into `procs`, the node first: stopped first, as it talks to the ledger
+    until then."""
+    ledger_port, node_port = free_port(), free_port()
+    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
+    procs.append(start_ledger(tmp_path / "ledger", ledger_port))
+    assert procs[-1].stdout is not None
+    wait_for_line(lines_of(procs[-1].stdout), "listening", "the ledger to start")
+    node = start_node(tmp_path / "node", ledger_url, node_url, log, *more)
+    procs.insert(0, node)
+    assert node.stdout is not None
+    wait_for_line(lines_of(node.stdout), "running", "the node to start")
+    return ledger_url, node_url, node
+
+
 def wait_for_text(path: Path, needle: str, what: str) -> None:
     deadline = time.monotonic() + WAIT
     while needle not in path.read_text():
@@ -130,17 +147,10 @@ def test_node_pay_without_a_ledger_fails_with_one_clear_line(tmp_path: Path) -> 
 
 
 def test_node_run_logs_one_line_per_channel_event(tmp_path: Path) -> None:
-    ledger_port, node_port = free_port(), free_port()
-    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
     log = tmp_path / "node.log"
-    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    procs: list[subprocess.Popen[str]] = []
     try:
-        assert procs[0].stdout is not None
-        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
-        node = start_node(tmp_path / "node", ledger_url, node_url, log)
-        procs.insert(0, node)  # stopped first: it talks to the ledger until then
-        assert node.stdout is not None
-        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        ledger_url, node_url, node = ledger_and_node(tmp_path, log, procs)
         with Ledger.connect(ledger_url) as ledger, \
                 Node.open(str(tmp_path / "payer"), ledger=ledger) as payer:
             ledger.mint(payer.address, 1000)
@@ -229,16 +239,9 @@ def test_a_long_log_message_is_cut_but_not_its_traceback() -> None:
 
 
 def test_ctrl_c_ends_node_pay_in_one_line_and_its_store_pays_on(tmp_path: Path) -> None:
-    ledger_port, node_port = free_port(), free_port()
-    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
-    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    procs: list[subprocess.Popen[str]] = []
     try:
-        assert procs[0].stdout is not None
-        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
-        node = start_node(tmp_path / "node", ledger_url, node_url, tmp_path / "node.log")
-        procs.insert(0, node)
-        assert node.stdout is not None
-        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        ledger_url, node_url, _ = ledger_and_node(tmp_path, tmp_path / "node.log", procs)
         pay = [str(BIN / "paychan"), "node", "pay", "--data", str(tmp_path / "alice"),
                "--ledger", ledger_url, "--peer", node_url, "--amount", "1"]
         alice = subprocess.Popen([*pay, "--mint", "100000", "--deposit", "50000",
@@ -281,17 +284,10 @@ def _next(lines: queue.Queue[str]) -> str | None:
 
 
 def test_no_payment_log_leaves_out_only_the_payment_lines(tmp_path: Path) -> None:
-    ledger_port, node_port = free_port(), free_port()
-    ledger_url, node_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{node_port}"
     log = tmp_path / "node.log"
-    procs = [start_ledger(tmp_path / "ledger", ledger_port)]
+    procs: list[subprocess.Popen[str]] = []
     try:
-        assert procs[0].stdout is not None
-        wait_for_line(lines_of(procs[0].stdout), "listening", "the ledger to start")
-        node = start_node(tmp_path / "node", ledger_url, node_url, log, "--no-payment-log")
-        procs.insert(0, node)
-        assert node.stdout is not None
-        wait_for_line(lines_of(node.stdout), "running", "the node to start")
+        ledger_url, node_url, node = ledger_and_node(tmp_path, log, procs, "--no-payment-log")
         with Ledger.connect(ledger_url) as ledger, \
                 Node.open(str(tmp_path / "payer"), ledger=ledger) as payer:
             ledger.mint(payer.address, 1000)
